@@ -1,0 +1,218 @@
+"""Configuration of Fixed-Point Masked Generative Models (FP-MGM).
+
+Hub-portable: imports only the standard library and transformers.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+INJECTIONS = ("concat_mlp", "add", "none")
+SOLVERS = ("picard", "anderson")
+POSITION_ENCODINGS = ("rope_1d", "rope_2d")
+
+
+def _fail(field, value, allowed):
+    raise ValueError(f"FPMGMConfig: `{field}`={value!r} is invalid; allowed: {allowed}.")
+
+
+def _check_int(field, value, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+        _fail(field, value, allowed)
+
+
+def _check_range(field, value, low):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+        or value[0] < low
+        or value[0] > value[1]
+    ):
+        _fail(field, value, f"a pair (lo, hi) of integers with {low} <= lo <= hi")
+    return (int(value[0]), int(value[1]))
+
+
+class FPMGMConfig(PretrainedConfig):
+    r"""Configuration of [`FPMGMForMaskedGeneration`].
+
+    The denoiser is `embed -> num_pre_layers DiT blocks -> fixed point over num_fp_layers shared blocks
+    -> num_post_layers DiT blocks -> final layer`. With `num_fp_layers=0` it is a plain MDLM-style DiT
+    stack of `num_pre_layers + num_post_layers` blocks (the baseline and the conversion teacher).
+
+    Args:
+        vocab_size (`int`, defaults to 50258): tokens, mask token included (GPT-2's 50257 + 1).
+        mask_token_id (`int`, defaults to 50257): id of the absorbing mask token.
+        hidden_size (`int`, defaults to 768): width D.
+        num_attention_heads (`int`, defaults to 12): heads; must divide `hidden_size`.
+        mlp_ratio (`int`, defaults to 4): MLP width is `mlp_ratio * hidden_size`.
+        cond_dim (`int`, defaults to 128): width of the adaLN conditioning vector.
+        max_position_embeddings (`int`, defaults to 1024): longest canvas.
+        dropout (`float`, defaults to 0.1): residual dropout.
+        time_conditioning (`bool`, defaults to False): feed `timesteps` to the conditioning (MDLM-OWT: off).
+        num_classes (`int`, defaults to 0): 0 = unconditional; `> 0` adds a class embedding with an extra
+            null class (id `num_classes`) for classifier-free guidance.
+        tie_word_embeddings (`bool`, defaults to False): tie the output projection to the input embedding.
+        num_pre_layers / num_fp_layers / num_post_layers (`int`, defaults to 1/1/1): block counts.
+        injection (`str`, defaults to `"concat_mlp"`): how the shared block sees `h_pre`: `"concat_mlp"`
+            (Linear G, then MLP(concat(z, G(h_pre))) 2D->2D->D initialised to the identity in z), `"add"`
+            (z + G(h_pre)) or `"none"`.
+        fp_solver (`str`, defaults to `"picard"`): `"picard"` (plain iteration) or `"anderson"`.
+        fp_max_iter (`int`, defaults to 8): iterations per forward in eval mode.
+        fp_tol (`float` or None, defaults to None): relative-residual stopping threshold per sample;
+            None always runs `fp_max_iter` iterations.
+        fp_train_nograd_iters (`(int, int)`, defaults to (0, 4)): S-JFB no-grad iterations ~ U{lo..hi}.
+        fp_train_grad_iters (`(int, int)`, defaults to (3, 6)): S-JFB graph iterations ~ U{lo..hi}.
+        anderson_memory (`int`, defaults to 5), anderson_beta (`float`, defaults to 1.0),
+            anderson_lam (`float`, defaults to 1e-4): Anderson history size, mixing and ridge term.
+        position_encoding (`str`, defaults to `"rope_1d"`): `"rope_1d"` (text) or `"rope_2d"` (images:
+            half the rotary dims follow the row, half the column of `grid_size`).
+        grid_size (`(int, int)` or None): token grid (rows, cols), required by `"rope_2d"`.
+
+    Example:
+
+    ```python
+    >>> from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
+    >>> config = FPMGMConfig(vocab_size=100, mask_token_id=99, hidden_size=32, num_attention_heads=4, cond_dim=16)
+    >>> model = FPMGMForMaskedGeneration(config)
+    ```
+    """
+
+    model_type = "fpmgm"
+
+    def __init__(
+        self,
+        vocab_size=50258,
+        mask_token_id=50257,
+        hidden_size=768,
+        num_attention_heads=12,
+        mlp_ratio=4,
+        cond_dim=128,
+        max_position_embeddings=1024,
+        dropout=0.1,
+        time_conditioning=False,
+        num_classes=0,
+        tie_word_embeddings=False,
+        num_pre_layers=1,
+        num_fp_layers=1,
+        num_post_layers=1,
+        injection="concat_mlp",
+        fp_solver="picard",
+        fp_max_iter=8,
+        fp_tol=None,
+        fp_train_nograd_iters=(0, 4),
+        fp_train_grad_iters=(3, 6),
+        anderson_memory=5,
+        anderson_beta=1.0,
+        anderson_lam=1e-4,
+        position_encoding="rope_1d",
+        grid_size=None,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.cond_dim = cond_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.dropout = dropout
+        self.time_conditioning = time_conditioning
+        self.num_classes = num_classes
+        self.tie_word_embeddings = tie_word_embeddings
+        self.num_pre_layers = num_pre_layers
+        self.num_fp_layers = num_fp_layers
+        self.num_post_layers = num_post_layers
+        self.injection = injection
+        self.fp_solver = fp_solver
+        self.fp_max_iter = fp_max_iter
+        self.fp_tol = fp_tol
+        self.fp_train_nograd_iters = fp_train_nograd_iters
+        self.fp_train_grad_iters = fp_train_grad_iters
+        self.anderson_memory = anderson_memory
+        self.anderson_beta = anderson_beta
+        self.anderson_lam = anderson_lam
+        self.position_encoding = position_encoding
+        self.grid_size = grid_size
+        self.initializer_range = initializer_range
+        self._validate()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def _validate(self):
+        _check_int("vocab_size", self.vocab_size, 2)
+        _check_int("mask_token_id", self.mask_token_id, 0, self.vocab_size - 1)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_attention_heads", self.num_attention_heads, 1)
+        if self.hidden_size % self.num_attention_heads:
+            _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        head_dim = self.hidden_size // self.num_attention_heads
+        rotary_axes = 2 if self.position_encoding == "rope_2d" else 1
+        if head_dim % (2 * rotary_axes):
+            _fail("num_attention_heads", self.num_attention_heads,
+                  f"a value giving a head dim divisible by {2 * rotary_axes} (rotary), got head dim {head_dim}")
+        _check_int("mlp_ratio", self.mlp_ratio, 1)
+        _check_int("cond_dim", self.cond_dim, 1)
+        _check_int("max_position_embeddings", self.max_position_embeddings, 1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            _fail("dropout", self.dropout, "a float in [0, 1)")
+        if not isinstance(self.time_conditioning, bool):
+            _fail("time_conditioning", self.time_conditioning, "True or False")
+        _check_int("num_classes", self.num_classes, 0)
+        if not isinstance(self.tie_word_embeddings, bool):
+            _fail("tie_word_embeddings", self.tie_word_embeddings, "True or False")
+        for name in ("num_pre_layers", "num_fp_layers", "num_post_layers"):
+            _check_int(name, getattr(self, name), 0)
+        if self.num_layers_total == 0:
+            _fail("num_pre_layers", self.num_pre_layers, "layer counts with at least one block in total")
+        if self.injection not in INJECTIONS:
+            _fail("injection", self.injection, list(INJECTIONS))
+        if self.fp_solver not in SOLVERS:
+            _fail("fp_solver", self.fp_solver, list(SOLVERS))
+        _check_int("fp_max_iter", self.fp_max_iter, 1)
+        if self.fp_tol is not None and (
+            isinstance(self.fp_tol, bool) or not isinstance(self.fp_tol, (int, float)) or not self.fp_tol > 0
+        ):
+            _fail("fp_tol", self.fp_tol, "None or a float > 0")
+        self.fp_train_nograd_iters = _check_range("fp_train_nograd_iters", self.fp_train_nograd_iters, 0)
+        self.fp_train_grad_iters = _check_range("fp_train_grad_iters", self.fp_train_grad_iters, 1)
+        _check_int("anderson_memory", self.anderson_memory, 1)
+        if isinstance(self.anderson_beta, bool) or not isinstance(self.anderson_beta, (int, float)) or not 0 < self.anderson_beta <= 1:
+            _fail("anderson_beta", self.anderson_beta, "a float in (0, 1]")
+        if isinstance(self.anderson_lam, bool) or not isinstance(self.anderson_lam, (int, float)) or self.anderson_lam < 0:
+            _fail("anderson_lam", self.anderson_lam, "a float >= 0")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            _fail("position_encoding", self.position_encoding, list(POSITION_ENCODINGS))
+        self._validate_grid()
+        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            _fail("initializer_range", self.initializer_range, "a float > 0")
+
+    def _validate_grid(self):
+        if self.grid_size is None:
+            if self.position_encoding == "rope_2d":
+                _fail("grid_size", None, "a pair (rows, cols) of positive integers when position_encoding='rope_2d'")
+            return
+        grid = self.grid_size
+        if (
+            not isinstance(grid, (list, tuple))
+            or len(grid) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid)
+        ):
+            _fail("grid_size", grid, "None or a pair (rows, cols) of positive integers")
+        rows, cols = self.grid_size = (int(grid[0]), int(grid[1]))
+        if rows * cols > self.max_position_embeddings:
+            _fail("grid_size", self.grid_size, f"rows*cols <= max_position_embeddings={self.max_position_embeddings}")
+
+    @property
+    def num_layers_total(self) -> int:
+        """Distinct blocks: `num_pre_layers + num_fp_layers + num_post_layers`."""
+        return self.num_pre_layers + self.num_fp_layers + self.num_post_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def block_passes(self, fp_iterations: int) -> int:
+        """Transformer-block evaluations of one denoiser call: K_pre + n * K_fp + K_post."""
+        return self.num_pre_layers + fp_iterations * self.num_fp_layers + self.num_post_layers

@@ -1,0 +1,536 @@
+"""Fixed-Point Masked Generative Models: an MDLM-style DiT denoiser whose middle blocks are replaced
+by a fixed-point solve over one shared block (arXiv 2605.31215, §3.1).
+
+Hub-portable: imports only torch, transformers, the standard library and sibling files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_fpmgm import FPMGMConfig
+from .generation_fpmgm import FPMGMGenerationMixin
+from .solver_fpmgm import SolverStats, get_solver, relative_residual
+
+Tensor = torch.Tensor
+
+
+class WarmStart(NamedTuple):
+    """A three-state-reuse initialisation: `z0 = gamma * state + (1 - gamma) * h_pre`.
+
+    state (`Tensor (B, L, D)`): the previous step's fixed point `h*`.
+    gamma (`Tensor (B, L)`): per-token weight of `state` (1 = full reuse, 0 = start from `h_pre`).
+    """
+
+    state: Tensor
+    gamma: Tensor
+
+
+@dataclass
+class FPMGMModelOutput(ModelOutput):
+    """Output of [`FPMGMModel`].
+
+    last_hidden_state (`(B, L, D)`): output of the post blocks (before the final norm).
+    conditioning (`(B, cond_dim)`): the adaLN conditioning vector.
+    fixed_point (`(B, L, D)`): the solver's `z*` (the pre-block output when `num_fp_layers=0`).
+    pre_fixed_point (`(B, L, D)`): `h_pre`, the output of the pre blocks.
+    solver_stats ([`SolverStats`]): per-sample iterations and final relative residual.
+    block_passes (`LongTensor (B,)`): transformer-block evaluations, K_pre + iterations * K_fp + K_post.
+    """
+
+    last_hidden_state: Optional[Tensor] = None
+    conditioning: Optional[Tensor] = None
+    fixed_point: Optional[Tensor] = None
+    pre_fixed_point: Optional[Tensor] = None
+    solver_stats: Optional[SolverStats] = None
+    block_passes: Optional[Tensor] = None
+
+
+@dataclass
+class FPMGMOutput(ModelOutput):
+    """Output of [`FPMGMForMaskedGeneration`].
+
+    logits (`(B, L, V)`): raw token scores (SUBS and sampling live outside the model).
+    hidden_states (`(B, L, D)`): final pre-logit states (post-block output), used by the consistency loss.
+    fixed_point (`(B, L, D)`): `z*` per token, to warm-start the next denoising step.
+    pre_fixed_point (`(B, L, D)`): `h_pre`, for three-state reuse.
+    solver_stats ([`SolverStats`]): per-sample iterations and final relative residual.
+    block_passes (`LongTensor (B,)`): transformer-block evaluations of this call.
+    """
+
+    logits: Optional[Tensor] = None
+    hidden_states: Optional[Tensor] = None
+    fixed_point: Optional[Tensor] = None
+    pre_fixed_point: Optional[Tensor] = None
+    solver_stats: Optional[SolverStats] = None
+    block_passes: Optional[Tensor] = None
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class FPMGMLayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, computed in float32 (as MDLM)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), [self.dim]) * self.weight.float()
+        return y.to(x.dtype)
+
+
+class ZeroInitLinear(nn.Linear):
+    """A Linear initialised to zero (adaLN modulations and the output head, as MDLM)."""
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x: (B, L, D); shift, scale: (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+def rotary_tables(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for non-interleaved rotary embeddings.
+
+    positions (`(L, P)`): P position axes (1 for text, 2 for image grids); the head dim is split into P
+    equal chunks, one per axis. Returns cos, sin of shape `(L, head_dim)` in float32.
+    """
+    L, P = positions.shape
+    chunk = head_dim // P
+    inv_freq = 1.0 / base ** (torch.arange(0, chunk, 2, device=positions.device, dtype=torch.float32) / chunk)
+    tables = []
+    for axis in range(P):
+        freqs = positions[:, axis, None].float() * inv_freq  # (L, chunk/2)
+        tables.append(torch.cat([freqs, freqs], dim=-1))  # (L, chunk)
+    angles = torch.cat(tables, dim=-1)  # (L, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, axes: int = 1) -> Tensor:
+    """Rotate x `(B, H, L, hd)` with tables `(L, hd)`; each of the `axes` chunks of hd rotates on its own."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if axes == 1:
+        return x * cos + _rotate_half(x) * sin
+    parts = [_rotate_half(p) for p in x.chunk(axes, dim=-1)]
+    return x * cos + torch.cat(parts, dim=-1) * sin
+
+
+class FPMGMAttention(nn.Module):
+    """Bidirectional multi-head attention with packed qkv (no bias) and rotary q/k, via torch SDPA."""
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.rotary_axes = 2 if config.position_encoding == "rope_2d" else 1
+        self.attn_qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.attn_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Optional[Tensor]) -> Tensor:
+        B, L, D = x.shape
+        qkv = self.attn_qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # packed [q | k | v]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, hd)
+        q = apply_rotary(q, *rope, axes=self.rotary_axes)
+        k = apply_rotary(k, *rope, axes=self.rotary_axes)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
+        return self.attn_out(out.transpose(1, 2).reshape(B, L, D))
+
+
+class FPMGMBlock(GradientCheckpointingLayer):
+    """A DiT block laid out as MDLM's DDiTBlock: pre-LN, adaLN shift/scale/gate, gated residuals."""
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.norm1 = FPMGMLayerNorm(D)
+        self.attn = FPMGMAttention(config)
+        self.norm2 = FPMGMLayerNorm(D)
+        self.mlp = nn.Sequential(
+            nn.Linear(D, config.mlp_ratio * D), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * D, D)
+        )
+        self.adaLN_modulation = ZeroInitLinear(config.cond_dim, 6 * D)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Optional[Tensor]) -> Tensor:
+        """x: (B, L, D); c: (B, cond_dim); attn_mask: (B, 1, 1, L) bool or None."""
+        mod = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # 6 x (B, 1, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, attn_mask)
+        x = x + gate_msa * self.dropout(h)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.dropout(h)
+
+
+class FPMGMTimestepEmbedder(nn.Module):
+    """Sinusoidal features [cos | sin] of width 256, then Linear -> SiLU -> Linear (MDLM's sigma_map)."""
+
+    frequency_size = 256
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(self.frequency_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class FPMGMInjection(nn.Module):
+    """Input injection: how the shared block sees `h_pre`.
+
+    `concat_mlp`: G = Linear(D, D) on h_pre, then fc2(GELU(fc1(concat(z, G(h_pre))))), 2D -> 2D -> D.
+    It is initialised to the identity in z: fc1 = [[I, 0], [-I, 0]] and fc2 = [I, -I], because
+    GELU(x) - GELU(-x) = x exactly (tanh form too), with small random weights on the G columns.
+    `add`: z + G(h_pre), G initialised small. `none`: z.
+    """
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__()
+        D, self.kind = config.hidden_size, config.injection
+        self.std = config.initializer_range
+        if self.kind != "none":
+            self.proj = nn.Linear(D, D)
+        if self.kind == "concat_mlp":
+            self.fc1 = nn.Linear(2 * D, 2 * D)
+            self.act = nn.GELU(approximate="tanh")
+            self.fc2 = nn.Linear(2 * D, D)
+
+    def prepare(self, h_pre: Tensor) -> Optional[Tensor]:
+        """G(h_pre), computed once per forward and held fixed across iterations."""
+        return None if self.kind == "none" else self.proj(h_pre)
+
+    def forward(self, z: Tensor, injected: Optional[Tensor]) -> Tensor:
+        if self.kind == "none":
+            return z
+        if self.kind == "add":
+            return z + injected
+        return self.fc2(self.act(self.fc1(torch.cat([z, injected], dim=-1))))
+
+    @torch.no_grad()
+    def reset_identity(self):
+        """The close-to-identity initialisation (also used by the MDLM converter)."""
+        if self.kind == "none":
+            return
+        init.normal_(self.proj.weight, std=self.std)
+        init.zeros_(self.proj.bias)
+        if self.kind == "add":
+            return
+        D = self.proj.in_features
+        eye = torch.eye(D, device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
+        fc1 = torch.zeros_like(self.fc1.weight)
+        fc1[:D, :D], fc1[D:, :D] = eye, -eye
+        fc1[:, D:] = torch.randn_like(fc1[:, D:]) * self.std
+        init.copy_(self.fc1.weight, fc1)
+        init.zeros_(self.fc1.bias)
+        init.copy_(self.fc2.weight, torch.cat([eye, -eye], dim=1))
+        init.zeros_(self.fc2.bias)
+
+
+class FPMGMConditioning(nn.Module):
+    """c = SiLU(sigma_map(t) + class_embed(y)) of shape (B, cond_dim). Without time conditioning t = 0
+    (MDLM-OWT); with `num_classes > 0`, class id `num_classes` is the null class (classifier-free guidance)."""
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__()
+        self.time_conditioning, self.num_classes = config.time_conditioning, config.num_classes
+        self.sigma_map = FPMGMTimestepEmbedder(config.cond_dim)
+        self.class_embed = nn.Embedding(config.num_classes + 1, config.cond_dim) if config.num_classes else None
+
+    def forward(self, batch: int, device, timesteps: Optional[Tensor], class_labels: Optional[Tensor]) -> Tensor:
+        if self.time_conditioning:
+            if timesteps is None:
+                raise ValueError("`timesteps` is required because config.time_conditioning=True.")
+            t = timesteps.to(device).float().expand(batch) if timesteps.dim() == 0 else timesteps.to(device)
+        else:
+            t = torch.zeros(batch, device=device)
+        c = self.sigma_map(t)
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
+            c = c + self.class_embed(class_labels)
+        return F.silu(c)
+
+
+class FPMGMFinalLayer(nn.Module):
+    """norm_final -> modulate(shift, scale from c) -> linear with bias (MDLM's DDitFinalLayer)."""
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.norm_final = FPMGMLayerNorm(D)
+        linear_cls = nn.Linear if config.tie_word_embeddings else ZeroInitLinear
+        self.linear = linear_cls(D, config.vocab_size)
+        self.adaLN_modulation = ZeroInitLinear(config.cond_dim, 2 * D)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # 2 x (B, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class FPMGMPreTrainedModel(PreTrainedModel):
+    config_class = FPMGMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FPMGMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, FPMGMLayerNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, FPMGMInjection):
+            module.reset_identity()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `_auto_class` holds one name; both entries must reach config.json for the Hub.
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {
+                "AutoConfig": "configuration_fpmgm.FPMGMConfig",
+                "AutoModel": f"modeling_fpmgm.{type(self).__name__}",
+                "AutoModelForMaskedLM": f"modeling_fpmgm.{type(self).__name__}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class FPMGMModel(FPMGMPreTrainedModel):
+    """Embedding -> pre blocks -> fixed point over the shared block(s) -> post blocks (no output head)."""
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.conditioning = FPMGMConditioning(config)
+        self.pre_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_pre_layers))
+        self.injection = FPMGMInjection(config) if config.num_fp_layers else None
+        self.fp_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_fp_layers))
+        self.post_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_post_layers))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, class_labels, attention_mask):
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"`input_ids` has length {input_ids.shape[1]} > max_position_embeddings={cfg.max_position_embeddings}."
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"`input_ids` must lie in [0, {cfg.vocab_size}), the vocabulary of this model.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` shape {tuple(attention_mask.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}."
+            )
+        if class_labels is not None:
+            if not cfg.num_classes:
+                raise ValueError("`class_labels` was given but the model is unconditional (config.num_classes=0).")
+            if class_labels.shape != (input_ids.shape[0],):
+                raise ValueError(f"`class_labels` must have shape ({input_ids.shape[0]},), got {tuple(class_labels.shape)}.")
+            if int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes:
+                raise ValueError(
+                    f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
+                    f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]."
+                )
+
+    def _positions(self, length: int, device) -> Tensor:
+        idx = torch.arange(length, device=device)
+        if self.config.position_encoding == "rope_2d":
+            cols = self.config.grid_size[1]
+            return torch.stack([idx // cols, idx % cols], dim=-1)  # (L, 2): (row, col)
+        return idx[:, None]  # (L, 1)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Optional[Tensor] = None,
+        class_labels: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        fixed_point_init: Optional[Union[Tensor, WarmStart]] = None,
+        fp_iters: Optional[int] = None,
+        fp_tol: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[FPMGMModelOutput, tuple]:
+        r"""
+        Args:
+            input_ids (`LongTensor (B, L)`): the canvas; `config.mask_token_id` marks masked positions.
+            timesteps (`FloatTensor (B,)` or scalar): noise level fed to the timestep embedder; ignored
+                unless `config.time_conditioning`.
+            class_labels (`LongTensor (B,)`): class ids in [0, num_classes]; `num_classes` is the null class.
+            attention_mask (`(B, L)`, 1 = token, 0 = padding): padded keys are never attended to.
+            fixed_point_init (`Tensor (B, L, D)` or [`WarmStart`]): solver start; default `h_pre`.
+            fp_iters (`int`): eval-mode iterations (default `config.fp_max_iter`).
+            fp_tol (`float`): eval-mode per-sample relative-residual tolerance (default `config.fp_tol`;
+                0 disables early stopping).
+            generator (`torch.Generator`): draws the S-JFB iteration counts in training mode.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_inputs(input_ids, class_labels, attention_mask)
+        B, L = input_ids.shape
+        token_mask = None if attention_mask is None else attention_mask.bool()  # (B, L)
+        attn_mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, L) keys
+        c = self.conditioning(B, input_ids.device, timesteps, class_labels)  # (B, cond_dim)
+        rope = rotary_tables(self._positions(L, input_ids.device), self.config.head_dim)
+        x = self.embed_tokens(input_ids)  # (B, L, D)
+        for block in self.pre_blocks:
+            x = block(x, c, rope, attn_mask)
+        h_pre = x
+        z, stats = self._fixed_point(h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator)
+        x = z
+        for block in self.post_blocks:
+            x = block(x, c, rope, attn_mask)
+        passes = (self.config.num_pre_layers + self.config.num_post_layers) + stats.iterations * self.config.num_fp_layers
+        out = FPMGMModelOutput(
+            last_hidden_state=x, conditioning=c, fixed_point=z, pre_fixed_point=h_pre, solver_stats=stats, block_passes=passes
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _initial_state(self, h_pre: Tensor, fixed_point_init) -> Tensor:
+        if fixed_point_init is None:
+            return h_pre
+        if isinstance(fixed_point_init, WarmStart):
+            gamma = fixed_point_init.gamma.to(h_pre.dtype).unsqueeze(-1)  # (B, L, 1)
+            return gamma * fixed_point_init.state.to(h_pre.dtype) + (1 - gamma) * h_pre
+        if fixed_point_init.shape != h_pre.shape:
+            raise ValueError(f"`fixed_point_init` shape {tuple(fixed_point_init.shape)} must be {tuple(h_pre.shape)}.")
+        return fixed_point_init.to(h_pre.dtype)
+
+    def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator):
+        B = h_pre.shape[0]
+        if not self.config.num_fp_layers:
+            return h_pre, SolverStats.empty(B, h_pre.device)
+        injected = self.injection.prepare(h_pre)  # (B, L, D) or None; fixed across iterations
+
+        def f(z: Tensor, rows: Optional[Tensor]) -> Tensor:
+            c_r, inj_r, m_r = c, injected, attn_mask
+            if rows is not None:
+                c_r = c[rows]
+                inj_r = None if injected is None else injected[rows]
+                m_r = None if attn_mask is None else attn_mask[rows]
+            z = self.injection(z, inj_r)
+            for block in self.fp_blocks:
+                z = block(z, c_r, rope, m_r)
+            return z
+
+        z0 = self._initial_state(h_pre, fixed_point_init)
+        if self.training:
+            return self._sjfb(f, z0, token_mask, generator)
+        return self._solve(f, z0, token_mask, fp_iters, fp_tol)
+
+    def _solve(self, f, z0, token_mask, fp_iters, fp_tol):
+        cfg = self.config
+        max_iter = cfg.fp_max_iter if fp_iters is None else fp_iters
+        tol = cfg.fp_tol if fp_tol is None else (fp_tol or None)
+        kwargs = {}
+        if cfg.fp_solver == "anderson":
+            kwargs = dict(memory=cfg.anderson_memory, beta=cfg.anderson_beta, lam=cfg.anderson_lam)
+        return get_solver(cfg.fp_solver)(f, z0, max_iter=max_iter, tol=tol, mask=token_mask, **kwargs)
+
+    def _sjfb(self, f, z0, token_mask, generator):
+        """Stochastic Jacobian-free backprop: n ~ U{nograd} iterations without a graph, then
+        m ~ U{grad} iterations with one. Gradients reach the shared block only through the last m."""
+        (n_lo, n_hi), (m_lo, m_hi) = self.config.fp_train_nograd_iters, self.config.fp_train_grad_iters
+        draws = torch.randint(0, 2**31 - 1, (2,), generator=generator).tolist()
+        n = n_lo + draws[0] % (n_hi - n_lo + 1)
+        m = m_lo + draws[1] % (m_hi - m_lo + 1)
+        z = z0
+        if n:
+            with torch.no_grad():
+                z, _ = self._solve(f, z0.detach(), token_mask, n, 0)
+        for _ in range(m):
+            z_prev, z = z, f(z, None)
+        stats = SolverStats.empty(z0.shape[0], z0.device)
+        stats.iterations += n + m
+        stats.residual = relative_residual(z.detach(), z_prev.detach(), token_mask)
+        return z, stats
+
+
+class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
+    """[`FPMGMModel`] with MDLM's final layer: logits over the vocabulary for every position.
+
+    The model never samples: samplers, schedules and warm starts live in the generation mixin.
+    """
+
+    _tied_weights_keys = {"lm_head.linear.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FPMGMConfig):
+        super().__init__(config)
+        self.model = FPMGMModel(config)
+        self.lm_head = FPMGMFinalLayer(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head.linear
+
+    def set_output_embeddings(self, value):
+        self.lm_head.linear = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Optional[Tensor] = None,
+        class_labels: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        fixed_point_init: Optional[Union[Tensor, WarmStart]] = None,
+        fp_iters: Optional[int] = None,
+        fp_tol: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[FPMGMOutput, tuple]:
+        r"""Same arguments as [`FPMGMModel.forward`]; returns [`FPMGMOutput`] with `logits (B, L, V)`."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.model(
+            input_ids, timesteps=timesteps, class_labels=class_labels, attention_mask=attention_mask,
+            fixed_point_init=fixed_point_init, fp_iters=fp_iters, fp_tol=fp_tol, generator=generator, return_dict=True,
+        )
+        logits = self.lm_head(out.last_hidden_state, out.conditioning)
+        result = FPMGMOutput(
+            logits=logits, hidden_states=out.last_hidden_state, fixed_point=out.fixed_point,
+            pre_fixed_point=out.pre_fixed_point, solver_stats=out.solver_stats, block_passes=out.block_passes,
+        )
+        return result if return_dict else result.to_tuple()

@@ -1,0 +1,254 @@
+"""Model-free pieces of masked generation: noise schedule, SUBS, token sampling, the MDLM ancestral and
+MaskGIT confidence transitions, three-state-reuse weights and compute-budget allocation.
+
+Hub-portable: imports only torch and the standard library. Nothing here calls a network; every random
+draw takes an explicit `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+FP_SCHEDULES = ("decreasing", "fixed", "increasing", "cosine", "front_loaded")
+
+
+# ----------------------------------------------------------------------------------------- noise schedule
+
+
+def loglinear_mask_prob(t: Tensor, eps: float = 1e-3) -> Tensor:
+    """Probability that a token is masked at time t, `1 - alpha_t = (1 - eps) t` (MDLM log-linear)."""
+    return (1 - eps) * t
+
+
+def loglinear_sigma(t: Tensor, eps: float = 1e-3) -> Tensor:
+    """Total noise `sigma(t) = -log(1 - (1 - eps) t)`: the value MDLM feeds its timestep embedder."""
+    return -torch.log1p(-(1 - eps) * t)
+
+
+# ------------------------------------------------------------------------------------- logits and draws
+
+
+def subs_log_probs(logits: Tensor, canvas: Tensor, mask_id: int) -> Tensor:
+    """SUBS parameterisation in float64: the mask token gets zero probability and visible tokens carry over.
+
+    logits: (B, L, V); canvas: (B, L). Returns log p(x0 | x_t) of shape (B, L, V), float64.
+    """
+    logits = logits.double().clone()
+    logits[..., mask_id] = -math.inf
+    logp = torch.log_softmax(logits, dim=-1)
+    visible = canvas != mask_id
+    carry = torch.full_like(logp, -math.inf).scatter_(-1, canvas.unsqueeze(-1), 0.0)
+    return torch.where(visible.unsqueeze(-1), carry, logp)
+
+
+def filter_log_probs(logp: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None) -> Tensor:
+    """Temperature, top-k and nucleus filtering of log-probabilities (..., V); returns renormalised log-probs.
+
+    temperature 0 is greedy: only the argmax survives.
+    """
+    if temperature == 0:
+        best = logp.argmax(-1, keepdim=True)
+        return torch.full_like(logp, -math.inf).scatter_(-1, best, 0.0)
+    logp = logp / temperature
+    if top_k is not None and top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_lp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_lp.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logp = logp.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return torch.log_softmax(logp, dim=-1)
+
+
+def sample_categorical(logp: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Exact categorical draws from log-probs (..., V) via the exponential race, in float64."""
+    noise = torch.empty(logp.shape, dtype=torch.float64, device=logp.device).exponential_(generator=generator)
+    return (logp.double() - noise.log()).argmax(-1)
+
+
+def _uniform(shape, device, generator) -> Tensor:
+    return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ transitions
+
+
+def ancestral_step(canvas: Tensor, logp_x0: Tensor, t: float, s: float, mask_id: int, active: Tensor,
+                   generator: Optional[torch.Generator] = None, eps: float = 1e-3) -> Tensor:
+    """MDLM's reverse step from time t to s < t (log-linear schedule, SUBS).
+
+    Each masked, active position is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), its token
+    drawn from p(x0 | x_t); at s = 0 every masked position is revealed. Visible tokens never change.
+    canvas: (B, L); logp_x0: (B, L, V) already filtered; active: (B, L) bool (False = padding).
+    """
+    m_t, m_s = (1 - eps) * t, (1 - eps) * s
+    reveal_prob = 1.0 if s <= 0 else (m_t - m_s) / m_t
+    masked = (canvas == mask_id) & active
+    reveal = masked & (_uniform(canvas.shape, canvas.device, generator) < reveal_prob)
+    tokens = sample_categorical(logp_x0, generator)
+    return torch.where(reveal, tokens, canvas)
+
+
+def mask_schedule(ratio: Tensor, kind: str = "cosine") -> Tensor:
+    """Fraction of the initially masked tokens still masked at progress `ratio` in [0, 1]."""
+    if kind == "cosine":
+        return torch.cos(ratio * math.pi / 2)
+    if kind == "linear":
+        return 1 - ratio
+    if kind == "arccos":
+        return torch.arccos(ratio) / (math.pi / 2)
+    raise ValueError(f"unknown mask schedule {kind!r}; valid names: ['arccos', 'cosine', 'linear'].")
+
+
+def confidence_step(canvas: Tensor, logp_x0: Tensor, step: int, num_steps: int, initial_masked: Tensor,
+                    mask_id: int, active: Tensor, generator: Optional[torch.Generator] = None,
+                    randomness: float = 0.0, schedule: str = "cosine", order: Optional[Tensor] = None) -> Tensor:
+    """MaskGIT step: draw a token at every masked position, then keep the k most confident.
+
+    k makes each row's masked count follow `schedule` from `initial_masked` (B,) to 0 at the last step,
+    at least one token per step while any is masked. Confidence is log p of the drawn token plus Gumbel
+    noise scaled by `randomness * (1 - progress)` (annealed). With `order` (L,) (e.g. Halton), positions
+    are revealed in that fixed order instead of by confidence.
+    """
+    masked = (canvas == mask_id) & active
+    tokens = sample_categorical(logp_x0, generator)
+    progress = torch.tensor((step + 1) / num_steps, dtype=torch.float64)
+    keep_masked = torch.floor(initial_masked.double() * mask_schedule(progress, schedule)).long()
+    n_masked = masked.sum(1)
+    k = (n_masked - keep_masked).clamp_min(torch.minimum(n_masked, torch.ones_like(n_masked)))  # (B,)
+    if step == num_steps - 1:
+        k = n_masked
+    if order is not None:
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        score = -rank.double().expand(canvas.shape).clone()
+    else:
+        score = logp_x0.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()
+        if randomness > 0:
+            gumbel = -torch.log(-torch.log(_uniform(canvas.shape, canvas.device, generator).clamp_min(1e-20)))
+            score = score + randomness * (1 - float(progress)) * gumbel
+    score = score.masked_fill(~masked, -math.inf)
+    ranked = score.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of every position
+    reveal = masked & (ranked < k[:, None])
+    return torch.where(reveal, tokens, canvas)
+
+
+def halton_order(rows: int, cols: int) -> Tensor:
+    """A reveal order over a rows x cols grid from the 2-D Halton sequence (bases 2, 3): positions are
+    spread evenly at every stage. Returns a permutation of range(rows * cols) as a LongTensor."""
+
+    def radical_inverse(i: int, base: int) -> float:
+        f, r = 1.0, 0.0
+        while i > 0:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        return r
+
+    seen, order, i = set(), [], 0
+    while len(order) < rows * cols:
+        i += 1
+        pos = int(radical_inverse(i, 2) * rows) * cols + int(radical_inverse(i, 3) * cols)
+        if pos not in seen:
+            seen.add(pos)
+            order.append(pos)
+        if i > 1000 * rows * cols:  # cannot happen for a low-discrepancy sequence; guard anyway
+            order += [p for p in range(rows * cols) if p not in seen]
+    return torch.tensor(order, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+
+
+def three_state_gamma(previous: Tensor, current: Tensor, mask_id: int, active: Optional[Tensor] = None,
+                      gamma_mask_min: float = 0.75, gamma_mask_max: float = 0.90,
+                      gamma_changed: float = 0.2) -> Tensor:
+    """Per-token 3SR weight of the previous fixed point (paper Algorithm 1).
+
+    unchanged visible token: 1; still masked: gamma_mask_min + (gamma_mask_max - gamma_mask_min) * v, with v
+    the fraction of visible (non-padding) tokens in the current canvas; anything else (newly revealed): gamma_changed.
+    previous, current: (B, L) canvases; active: (B, L) bool (False = padding). Returns (B, L) float.
+    """
+    active = torch.ones_like(current, dtype=torch.bool) if active is None else active
+    visible = (current != mask_id) & active
+    frac = visible.sum(1).double() / active.sum(1).clamp_min(1).double()  # (B,)
+    g_mask = (gamma_mask_min + (gamma_mask_max - gamma_mask_min) * frac)[:, None].expand_as(current)
+    same = previous == current
+    gamma = torch.full(current.shape, gamma_changed, dtype=torch.float64, device=current.device)
+    gamma = torch.where(same & (current == mask_id), g_mask, gamma)
+    gamma = torch.where(same & (current != mask_id), torch.ones_like(gamma), gamma)
+    return gamma.float()
+
+
+# --------------------------------------------------------------------------------------------- budget
+
+
+def schedule_weights(kind: str, num_steps: int) -> list[float]:
+    """Relative share of the fixed-point iterations given to each denoising step."""
+    T = num_steps
+    pos = [(i + 0.5) / T for i in range(T)]
+    if kind == "fixed":
+        return [1.0] * T
+    if kind == "decreasing":  # more iterations early, when most tokens are masked
+        return [1.5 - p for p in pos]
+    if kind == "increasing":
+        return [0.5 + p for p in pos]
+    if kind == "cosine":  # peaked in the middle of sampling
+        return [math.sin(math.pi * p) + 1e-3 for p in pos]
+    if kind == "front_loaded":  # the first quarter of the steps gets triple weight
+        return [3.0 if p < 0.25 else 1.0 for p in pos]
+    raise ValueError(f"unknown `fp_schedule` {kind!r}; valid names: {list(FP_SCHEDULES)}.")
+
+
+def allocate_iterations(total: int, num_steps: int, kind: str) -> list[int]:
+    """Split `total` iterations over `num_steps` steps, at least 1 each, following `schedule_weights`.
+
+    Largest-remainder rounding: the result sums to exactly `total`.
+    """
+    if total < num_steps:
+        raise ValueError(f"cannot give {num_steps} steps at least one iteration each from {total} iterations.")
+    w = schedule_weights(kind, num_steps)
+    extra = total - num_steps
+    shares = [extra * wi / sum(w) for wi in w]
+    alloc = [1 + int(math.floor(s)) for s in shares]
+    left = total - sum(alloc)
+    by_remainder = sorted(range(num_steps), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
+    for i in by_remainder[:left]:
+        alloc[i] += 1
+    return alloc
+
+
+def plan_budget(budget: Optional[int], num_steps: Optional[int], k_pre: int, k_fp: int, k_post: int,
+                kind: str = "decreasing", iters_per_step: int = 4) -> list[int]:
+    """Fixed-point iterations per step so that sum_i (k_pre + n_i * k_fp + k_post) <= budget.
+
+    Without a budget every step gets `iters_per_step`. Without `num_steps` they are chosen so each step
+    averages about `iters_per_step` iterations. For an explicit stack (k_fp = 0) steps = budget // layers.
+    Raises `ValueError` (naming `budget` and the minimum) when the budget cannot pay for the steps.
+    """
+    per_step_min = k_pre + k_fp + k_post
+    if budget is None:
+        T = 16 if num_steps is None else num_steps
+        return [iters_per_step if k_fp else 0] * T
+    if k_fp == 0:
+        T = budget // per_step_min if num_steps is None else num_steps
+        if T < 1 or T * per_step_min > budget:
+            raise ValueError(
+                f"`budget`={budget} is below the minimum {max(T, 1) * per_step_min} block passes for "
+                f"{max(T, 1)} step(s) of a {per_step_min}-layer model."
+            )
+        return [0] * T
+    T = num_steps if num_steps is not None else max(1, budget // (k_pre + k_post + iters_per_step * k_fp))
+    if T * per_step_min > budget:
+        raise ValueError(
+            f"`budget`={budget} is below the minimum {T * per_step_min} block passes for num_steps={T} "
+            f"(each step costs at least {per_step_min} = K_pre + 1*K_fp + K_post)."
+        )
+    total_iters = (budget - T * (k_pre + k_post)) // k_fp
+    return allocate_iterations(total_iters, T, kind)

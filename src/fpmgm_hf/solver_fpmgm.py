@@ -1,0 +1,253 @@
+"""Fixed-point solvers: pure functions `solver(f, z0, *, max_iter, tol, ...) -> (z_star, stats)`.
+
+Hub-portable: imports only torch and the standard library.
+
+Contract for `f`: `f(z, rows) -> z'` maps a batch of states `z` of shape `(b, ...)` to the next iterate.
+`rows` is None (z is the whole batch) or a `LongTensor` of shape `(b,)` giving which batch rows `z` holds,
+so that `f` can slice whatever it closes over (conditioning, masks). Solvers pass a row subset only once
+some samples have converged: a converged sample stops changing and stops costing compute.
+
+Residuals are relative, `||f(z) - z|| / ||z||`, per sample, over the positions where `mask` is True
+(padding excluded). A non-finite iterate raises `FloatingPointError` (default) or, with
+`on_nonfinite="flag"`, freezes that sample at its last finite iterate and sets `stats.nonfinite`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+Tensor = torch.Tensor
+StepFn = Callable[[Tensor, Optional[Tensor]], Tensor]
+_EPS = 1e-12
+
+
+@dataclass
+class SolverStats:
+    """Per-sample solver statistics (every field has the batch as its first dim).
+
+    iterations (`LongTensor (B,)`): evaluations of `f` spent on each sample.
+    residual (`FloatTensor (B,)`): last relative residual `||f(z) - z|| / ||z||` (NaN if no iteration ran).
+    converged (`BoolTensor (B,)`): the residual fell below `tol` (always False without `tol`).
+    nonfinite (`BoolTensor (B,)`): a non-finite iterate was met and the sample was frozen.
+    trace (`FloatTensor (B, max_iter)` or None): residual per iteration (NaN after a sample stopped).
+    """
+
+    iterations: Tensor
+    residual: Tensor
+    converged: Tensor
+    nonfinite: Tensor
+    trace: Optional[Tensor] = None
+
+    @classmethod
+    def empty(cls, batch: int, device, max_iter: int = 0, trace: bool = False) -> "SolverStats":
+        return cls(
+            iterations=torch.zeros(batch, dtype=torch.long, device=device),
+            residual=torch.full((batch,), float("nan"), device=device),
+            converged=torch.zeros(batch, dtype=torch.bool, device=device),
+            nonfinite=torch.zeros(batch, dtype=torch.bool, device=device),
+            trace=torch.full((batch, max_iter), float("nan"), device=device) if trace else None,
+        )
+
+
+def relative_residual(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """`||new - old|| / ||old||` per sample (float32), summed over positions where `mask` is True.
+
+    new, old: `(B, *S, D)`; mask: `(B, *S)` bool or None.
+    """
+    diff = (new - old).detach().float().pow(2).sum(-1)  # (B, *S)
+    ref = old.detach().float().pow(2).sum(-1)
+    if mask is not None:
+        diff, ref = diff * mask, ref * mask
+    diff, ref = diff.flatten(1).sum(1), ref.flatten(1).sum(1)  # (B,)
+    return diff.sqrt() / ref.sqrt().clamp_min(_EPS)
+
+
+def _finite(z: Tensor) -> Tensor:
+    return torch.isfinite(z).flatten(1).all(1)
+
+
+def _check_args(max_iter, tol, on_nonfinite):
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"`max_iter` must be an integer >= 0, got {max_iter!r}.")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"`tol` must be None or > 0, got {tol!r}.")
+    if on_nonfinite not in ("raise", "flag"):
+        raise ValueError(f"`on_nonfinite` must be 'raise' or 'flag', got {on_nonfinite!r}.")
+
+
+class _ActiveSet:
+    """Book-keeping shared by the solvers: which rows still iterate, and their stats."""
+
+    def __init__(self, z0: Tensor, mask, max_iter, tol, on_nonfinite, trace):
+        self.z, self.mask, self.tol, self.on_nonfinite = z0, mask, tol, on_nonfinite
+        self.stats = SolverStats.empty(z0.shape[0], z0.device, max_iter, trace)
+        self.rows = torch.arange(z0.shape[0], device=z0.device)
+        self.all_rows = True
+
+    def current(self) -> Tensor:
+        return self.z if self.all_rows else self.z[self.rows]
+
+    def row_arg(self) -> Optional[Tensor]:
+        return None if self.all_rows else self.rows
+
+    def sub_mask(self):
+        if self.mask is None or self.all_rows:
+            return self.mask
+        return self.mask[self.rows]
+
+    def record(self, step: int, new: Tensor, old: Tensor, res: Optional[Tensor] = None) -> Tensor:
+        """Store `new` for the active rows and update the stats; `res` defaults to the residual of `new`
+        against `old`. Returns the keep-iterating mask over the active rows."""
+        finite = _finite(new)
+        if not bool(finite.all()):
+            bad = self.rows[~finite].tolist()
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"fixed-point solver: non-finite iterate at iteration {step + 1} for batch rows {bad}; "
+                    "use on_nonfinite='flag' to freeze those samples instead."
+                )
+            self.stats.nonfinite[self.rows[~finite]] = True
+            new = torch.where(finite.view(-1, *([1] * (new.dim() - 1))), new, old)
+        if res is None:
+            res = relative_residual(new, old, self.sub_mask())
+        res = res.detach()
+        self.stats.iterations[self.rows] += 1
+        self.stats.residual[self.rows] = torch.where(finite, res, self.stats.residual[self.rows])
+        if self.stats.trace is not None:
+            self.stats.trace[self.rows, step] = res
+        if self.all_rows:
+            self.z = new
+        else:
+            self.z = self.z.index_copy(0, self.rows, new)
+        keep = finite.clone()
+        if self.tol is not None:
+            done = finite & (res < self.tol)
+            self.stats.converged[self.rows[done]] = True
+            keep &= ~done
+        return keep
+
+    def shrink(self, keep: Tensor) -> bool:
+        """Drop rows that stopped; returns False when no row is left."""
+        if bool(keep.all()):
+            return True
+        self.rows = self.rows[keep]
+        self.all_rows = False
+        return self.rows.numel() > 0
+
+
+def picard(
+    f: StepFn,
+    z0: Tensor,
+    *,
+    max_iter: int,
+    tol: Optional[float] = None,
+    mask: Optional[Tensor] = None,
+    on_nonfinite: str = "raise",
+    trace: bool = False,
+) -> tuple[Tensor, SolverStats]:
+    """Plain fixed-point (Picard) iteration `z <- f(z)`, the paper's solver.
+
+    Args:
+        f: the map, called as `f(z, rows)` (see the module docstring).
+        z0 (`Tensor (B, *S, D)`): initial state.
+        max_iter: iterations (an upper bound when `tol` is set).
+        tol: per-sample relative-residual threshold; a sample stops once its residual is below it.
+        mask (`BoolTensor (B, *S)` or None): positions counted in the residual.
+        on_nonfinite: `"raise"` or `"flag"`.
+        trace: also return the residual of every iteration.
+
+    Returns:
+        `(z_star, stats)`: the last iterate of every sample and its [`SolverStats`].
+
+    Example:
+        >>> z, stats = picard(lambda z, rows: torch.cos(z), torch.zeros(1, 1, 1), max_iter=100, tol=1e-6)
+        >>> round(z.item(), 4), bool(stats.converged)
+        (0.7391, True)
+    """
+    _check_args(max_iter, tol, on_nonfinite)
+    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace)
+    for step in range(max_iter):
+        old = state.current()
+        keep = state.record(step, f(old, state.row_arg()), old)
+        if not state.shrink(keep):
+            break
+    return state.z, state.stats
+
+
+def _anderson_mix(F: Tensor, G: Tensor, n: int, lam: float, beta: float) -> Tensor:
+    """One Anderson update from histories X (implicit), F = f(X), G = F - X, each `(b, n, N)`.
+
+    Solves min_a ||G^T a||^2 + lam ||a||^2 s.t. sum(a) = 1 through the bordered normal equations.
+    Returns the new iterate `(b, N)` = beta * F^T a + (1 - beta) * X^T a.
+    """
+    b = G.shape[0]
+    gram = torch.bmm(G, G.transpose(1, 2))  # (b, n, n)
+    gram = gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    H = torch.zeros(b, n + 1, n + 1, dtype=gram.dtype, device=gram.device)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    H[:, 1:, 1:] = gram
+    rhs = torch.zeros(b, n + 1, 1, dtype=gram.dtype, device=gram.device)
+    rhs[:, 0] = 1
+    alpha = torch.linalg.solve(H, rhs)[:, 1:, 0]  # (b, n)
+    fx = torch.bmm(alpha.unsqueeze(1), F)[:, 0]
+    if beta == 1.0:
+        return fx
+    x = fx - torch.bmm(alpha.unsqueeze(1), G)[:, 0]  # X^T a = F^T a - G^T a
+    return beta * fx + (1 - beta) * x
+
+
+def anderson(
+    f: StepFn,
+    z0: Tensor,
+    *,
+    max_iter: int,
+    tol: Optional[float] = None,
+    mask: Optional[Tensor] = None,
+    on_nonfinite: str = "raise",
+    trace: bool = False,
+    memory: int = 5,
+    beta: float = 1.0,
+    lam: float = 1e-4,
+) -> tuple[Tensor, SolverStats]:
+    """Anderson acceleration of `z <- f(z)`: each step mixes the last `memory` evaluations of `f`.
+
+    Same arguments and returns as [`picard`], plus `memory` (history size), `beta` (mixing) and `lam`
+    (ridge term of the least-squares problem). Costs one `f` evaluation per iteration, like Picard. The
+    mixing runs in float32 over the positions in `mask`; padded positions just follow `f`.
+    """
+    _check_args(max_iter, tol, on_nonfinite)
+    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace)
+    shape = z0.shape[1:]
+    B, N = z0.shape[0], z0[0].numel()
+    weight = None if mask is None else mask.unsqueeze(-1).expand_as(z0).reshape(B, N).float()  # (B, N)
+    hist_f = torch.zeros(B, memory, N, device=z0.device)  # f(x_k), flattened
+    hist_g = torch.zeros(B, memory, N, device=z0.device)  # f(x_k) - x_k, masked
+    for step in range(max_iter):
+        old = state.current()
+        rows = state.rows
+        fx = f(old, state.row_arg())
+        k, n = step % memory, min(step + 1, memory)
+        g = (fx - old).reshape(-1, N).float()
+        hist_f[rows, k] = fx.reshape(-1, N).float()
+        hist_g[rows, k] = g if weight is None else g * weight[rows]
+        new = _anderson_mix(hist_f[rows, :n], hist_g[rows, :n], n, lam, beta)
+        if weight is not None:  # padding positions are not part of the problem: plain Picard there
+            new = torch.where(weight[rows] > 0, new, fx.reshape(-1, N).float())
+        new = new.to(z0.dtype).reshape(-1, *shape)
+        keep = state.record(step, new, old, res=relative_residual(fx, old, state.sub_mask()))
+        if not state.shrink(keep):
+            break
+    return state.z, state.stats
+
+
+SOLVERS = {"picard": picard, "anderson": anderson}
+
+
+def get_solver(name: str):
+    """Look up a solver by name; raises `ValueError` listing the valid names."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown fixed-point solver {name!r}; valid names: {sorted(SOLVERS)}.")
+    return SOLVERS[name]
