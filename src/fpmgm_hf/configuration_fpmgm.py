@@ -150,8 +150,11 @@ class FPMGMConfig(PretrainedConfig):
         head_dim = self.hidden_size // self.num_attention_heads
         rotary_axes = 2 if self.position_encoding == "rope_2d" else 1
         if head_dim % (2 * rotary_axes):
-            _fail("num_attention_heads", self.num_attention_heads,
-                  f"a value giving a head dim divisible by {2 * rotary_axes} (rotary), got head dim {head_dim}")
+            _fail(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"a value giving a head dim divisible by {2 * rotary_axes} (rotary), got head dim {head_dim}",
+            )
         _check_int("mlp_ratio", self.mlp_ratio, 1)
         _check_int("cond_dim", self.cond_dim, 1)
         _check_int("max_position_embeddings", self.max_position_embeddings, 1)
@@ -178,14 +181,26 @@ class FPMGMConfig(PretrainedConfig):
         self.fp_train_nograd_iters = _check_range("fp_train_nograd_iters", self.fp_train_nograd_iters, 0)
         self.fp_train_grad_iters = _check_range("fp_train_grad_iters", self.fp_train_grad_iters, 1)
         _check_int("anderson_memory", self.anderson_memory, 1)
-        if isinstance(self.anderson_beta, bool) or not isinstance(self.anderson_beta, (int, float)) or not 0 < self.anderson_beta <= 1:
+        if (
+            isinstance(self.anderson_beta, bool)
+            or not isinstance(self.anderson_beta, (int, float))
+            or not 0 < self.anderson_beta <= 1
+        ):
             _fail("anderson_beta", self.anderson_beta, "a float in (0, 1]")
-        if isinstance(self.anderson_lam, bool) or not isinstance(self.anderson_lam, (int, float)) or self.anderson_lam < 0:
+        if (
+            isinstance(self.anderson_lam, bool)
+            or not isinstance(self.anderson_lam, (int, float))
+            or self.anderson_lam < 0
+        ):
             _fail("anderson_lam", self.anderson_lam, "a float >= 0")
         if self.position_encoding not in POSITION_ENCODINGS:
             _fail("position_encoding", self.position_encoding, list(POSITION_ENCODINGS))
         self._validate_grid()
-        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+        if (
+            isinstance(self.initializer_range, bool)
+            or not isinstance(self.initializer_range, (int, float))
+            or self.initializer_range <= 0
+        ):
             _fail("initializer_range", self.initializer_range, "a float > 0")
 
     def _validate_grid(self):

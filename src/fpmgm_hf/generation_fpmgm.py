@@ -118,8 +118,13 @@ class FPMGMGenerationConfig(GenerationConfig):
             pos_int(name, allow_none=False)
         for name in ("seq_len", "num_steps", "budget", "top_k"):
             pos_int(name)
-        for name, allowed in (("sampler", SAMPLERS), ("reuse", REUSE_MODES), ("fp_schedule", FP_SCHEDULES),
-                              ("order", ORDERS), ("mask_schedule", MASK_SCHEDULES)):
+        for name, allowed in (
+            ("sampler", SAMPLERS),
+            ("reuse", REUSE_MODES),
+            ("fp_schedule", FP_SCHEDULES),
+            ("order", ORDERS),
+            ("mask_schedule", MASK_SCHEDULES),
+        ):
             if getattr(self, name) not in allowed:
                 _bad(name, getattr(self, name), list(allowed))
         for name in ("gamma_mask_min", "gamma_mask_max", "gamma_changed"):
@@ -128,8 +133,14 @@ class FPMGMGenerationConfig(GenerationConfig):
                 _bad(name, v, "a float in [0, 1]")
         if self.gamma_mask_min > self.gamma_mask_max:
             _bad("gamma_mask_min", self.gamma_mask_min, f"a value <= gamma_mask_max={self.gamma_mask_max}")
-        checks = (("temperature", 0, False), ("randomness", 0, False), ("fp_tol", 0, True),
-                  ("guidance_scale", 0, False), ("top_p", 0, True), ("noise_eps", 0, True))
+        checks = (
+            ("temperature", 0, False),
+            ("randomness", 0, False),
+            ("fp_tol", 0, True),
+            ("guidance_scale", 0, False),
+            ("top_p", 0, True),
+            ("noise_eps", 0, True),
+        )
         for name, low, strict in checks:
             v = getattr(self, name)
             if v is None and name in ("fp_tol", "guidance_scale", "top_p"):
@@ -144,7 +155,9 @@ class FPMGMGenerationConfig(GenerationConfig):
     def to_diff_dict(self) -> dict[str, Any]:
         # Compare against our own defaults, not GenerationConfig's (whose top_k=50 would be dropped).
         defaults = {**_FIELDS}
-        out = {k: v for k, v in self.to_dict().items() if k == "transformers_version" or defaults.get(k, object()) != v}
+        out = {
+            k: v for k, v in self.to_dict().items() if k == "transformers_version" or defaults.get(k, object()) != v
+        }
         return out
 
     def get_generation_mode(self, *args, **kwargs):
@@ -226,13 +239,17 @@ class FPMGMGenerationMixin:
             )
         active = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if active.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` shape {tuple(active.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"`attention_mask` shape {tuple(active.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}."
+            )
         return input_ids.to(device).clone(), active.to(device)
 
     def _prepare_guidance(self, class_labels, cfg, batch):
         num_classes = getattr(self.config, "num_classes", 0)
         if cfg.guidance_scale is not None and not num_classes:
-            raise ValueError("`guidance_scale` needs a class-conditional model (config.num_classes > 0); this one is unconditional.")
+            raise ValueError(
+                "`guidance_scale` needs a class-conditional model (config.num_classes > 0); this one is unconditional."
+            )
         if class_labels is None:
             return None
         if not num_classes:
@@ -258,8 +275,13 @@ class FPMGMGenerationMixin:
         null = torch.full_like(labels, self.config.num_classes)
         both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
         kwargs["attention_mask"] = both(kwargs["attention_mask"])
-        out = self(both(canvas), timesteps=both(timesteps), class_labels=torch.cat([labels, null]),
-                   fixed_point_init=init, **kwargs)
+        out = self(
+            both(canvas),
+            timesteps=both(timesteps),
+            class_labels=torch.cat([labels, null]),
+            fixed_point_init=init,
+            **kwargs,
+        )
         cond, uncond = out.logits.chunk(2)
         return uncond + cfg.guidance_scale * (cond - uncond), out
 
@@ -272,8 +294,15 @@ class FPMGMGenerationMixin:
             return prev
         from .modeling_fpmgm import WarmStart  # deferred: modeling imports this module
 
-        gamma = three_state_gamma(state.canvas[rows], canvas, cfg.mask_token_id, active,
-                                  cfg.gamma_mask_min, cfg.gamma_mask_max, cfg.gamma_changed)  # (n, L)
+        gamma = three_state_gamma(
+            state.canvas[rows],
+            canvas,
+            cfg.mask_token_id,
+            active,
+            cfg.gamma_mask_min,
+            cfg.gamma_mask_max,
+            cfg.gamma_changed,
+        )  # (n, L)
         return WarmStart(prev, torch.cat([gamma, gamma]) if guided else gamma)
 
     # ----------------------------------------------------------------------------------------- generate
@@ -310,8 +339,15 @@ class FPMGMGenerationMixin:
         canvas, active = self._prepare_canvas(input_ids, attention_mask, cfg)
         labels = self._prepare_guidance(class_labels, cfg, canvas.shape[0])
         c = self.config
-        plan = plan_budget(cfg.budget, cfg.num_steps, c.num_pre_layers, c.num_fp_layers, c.num_post_layers,
-                           cfg.fp_schedule, cfg.fp_iters_per_step)
+        plan = plan_budget(
+            cfg.budget,
+            cfg.num_steps,
+            c.num_pre_layers,
+            c.num_fp_layers,
+            c.num_post_layers,
+            cfg.fp_schedule,
+            cfg.fp_iters_per_step,
+        )
         out = self._sample_loop(canvas, active, labels, plan, cfg, generator, streamer, callback)
         return out if cfg.return_dict_in_generate else out.sequences
 
@@ -327,8 +363,12 @@ class FPMGMGenerationMixin:
         for i, fp_iters in enumerate(plan):
             t, s = 1 - i / T, 1 - (i + 1) / T
             rows = self._rows_to_run(state, canvas, active, mask_id, cfg)
-            stats = {"fp_iters": fp_iters, "iterations": torch.zeros_like(passes),
-                     "residual": torch.full((B,), float("nan")), "ran": torch.zeros(B, dtype=torch.bool)}
+            stats = {
+                "fp_iters": fp_iters,
+                "iterations": torch.zeros_like(passes),
+                "residual": torch.full((B,), float("nan")),
+                "ran": torch.zeros(B, dtype=torch.bool),
+            }
             if rows.numel():
                 self._run_rows(state, rows, canvas, active, labels, t, fp_iters, cfg, guided, passes, stats)
                 nfe[rows] += 1
@@ -336,14 +376,32 @@ class FPMGMGenerationMixin:
             if cfg.sampler == "ancestral":
                 canvas = ancestral_step(canvas, logp, t, s, mask_id, active, generator, cfg.noise_eps)
             else:
-                canvas = confidence_step(canvas, logp, i, T, initial_masked, mask_id, active, generator,
-                                         cfg.randomness, cfg.mask_schedule, order)
+                canvas = confidence_step(
+                    canvas,
+                    logp,
+                    i,
+                    T,
+                    initial_masked,
+                    mask_id,
+                    active,
+                    generator,
+                    cfg.randomness,
+                    cfg.mask_schedule,
+                    order,
+                )
             step_stats.append(stats)
             self._emit(canvas, i, history, cfg, streamer, callback)
         if streamer is not None:
             streamer.end()
-        return FPMGMGenerationOutput(sequences=canvas, block_passes=passes, num_steps=T, nfe=nfe, budget=cfg.budget,
-                                     step_stats=step_stats, history=history if cfg.output_history else None)
+        return FPMGMGenerationOutput(
+            sequences=canvas,
+            block_passes=passes,
+            num_steps=T,
+            nfe=nfe,
+            budget=cfg.budget,
+            step_stats=step_stats,
+            history=history if cfg.output_history else None,
+        )
 
     def _reveal_order(self, cfg, length):
         if cfg.sampler != "confidence" or cfg.order != "halton":
@@ -351,7 +409,9 @@ class FPMGMGenerationMixin:
         grid = getattr(self.config, "grid_size", None)
         rows, cols = grid if grid is not None else (1, length)
         if rows * cols != length:
-            raise ValueError(f"`order`='halton' needs a canvas of grid_size {rows}x{cols}={rows * cols} tokens, got {length}.")
+            raise ValueError(
+                f"`order`='halton' needs a canvas of grid_size {rows}x{cols}={rows * cols} tokens, got {length}."
+            )
         return halton_order(rows, cols).to(self.device)
 
     def _rows_to_run(self, state, canvas, active, mask_id, cfg):
@@ -392,9 +452,22 @@ class FPMGMGenerationMixin:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
-                             cache_dir, force_download, proxies, local_files_only, token, revision, subfolder,
-                             trust_remote_code, **kwargs):
+    def adjust_generation_fn(
+        self,
+        generation_config,
+        from_auto_class,
+        from_pipeline,
+        pretrained_model_name_or_path,
+        cache_dir,
+        force_download,
+        proxies,
+        local_files_only,
+        token,
+        revision,
+        subfolder,
+        trust_remote_code,
+        **kwargs,
+    ):
         """Load `generation_config.json` into [`FPMGMGenerationConfig`] (transformers' default would build a
         plain `GenerationConfig` and drop our fields: pitfall P2)."""
         if generation_config is not None:
@@ -404,10 +477,16 @@ class FPMGMGenerationMixin:
             return
         try:
             self.generation_config = FPMGMGenerationConfig.from_pretrained(
-                pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download, proxies=proxies,
-                local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
-                _from_auto=from_auto_class, _from_pipeline=from_pipeline,
+                pretrained_model_name_or_path,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                proxies=proxies,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+                subfolder=subfolder,
+                _from_auto=from_auto_class,
+                _from_pipeline=from_pipeline,
             )
         except OSError:
             pass  # no generation_config.json: keep the defaults
-

@@ -209,10 +209,12 @@ class FPMGMInjection(nn.Module):
         self.std = config.initializer_range
         if self.kind != "none":
             self.proj = nn.Linear(D, D)
+            self.proj._fpmgm_role = "proj"
         if self.kind == "concat_mlp":
             self.fc1 = nn.Linear(2 * D, 2 * D)
             self.act = nn.GELU(approximate="tanh")
             self.fc2 = nn.Linear(2 * D, D)
+            self.fc1._fpmgm_role, self.fc2._fpmgm_role = "fc1", "fc2"
 
     def prepare(self, h_pre: Tensor) -> Optional[Tensor]:
         """G(h_pre), computed once per forward and held fixed across iterations."""
@@ -228,21 +230,28 @@ class FPMGMInjection(nn.Module):
     @torch.no_grad()
     def reset_identity(self):
         """The close-to-identity initialisation (also used by the MDLM converter)."""
-        if self.kind == "none":
-            return
-        init.normal_(self.proj.weight, std=self.std)
-        init.zeros_(self.proj.bias)
-        if self.kind == "add":
-            return
-        D = self.proj.in_features
-        eye = torch.eye(D, device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
-        fc1 = torch.zeros_like(self.fc1.weight)
-        fc1[:D, :D], fc1[D:, :D] = eye, -eye
-        fc1[:, D:] = torch.randn_like(fc1[:, D:]) * self.std
-        init.copy_(self.fc1.weight, fc1)
-        init.zeros_(self.fc1.bias)
-        init.copy_(self.fc2.weight, torch.cat([eye, -eye], dim=1))
-        init.zeros_(self.fc2.bias)
+        for linear in (getattr(self, name, None) for name in ("proj", "fc1", "fc2")):
+            if linear is not None:
+                init_injection_linear(linear, self.std)
+
+
+def init_injection_linear(linear: nn.Linear, std: float):
+    """Initialise one injection Linear by its role (set in FPMGMInjection.__init__). Done per Linear because
+    transformers only calls `_init_weights` on modules that own parameters directly."""
+    role = getattr(linear, "_fpmgm_role", None)
+    init.zeros_(linear.bias)
+    if role == "proj":
+        init.normal_(linear.weight, std=std)
+        return
+    D = linear.out_features if role == "fc2" else linear.in_features // 2
+    eye = torch.eye(D, device=linear.weight.device, dtype=linear.weight.dtype)
+    if role == "fc2":
+        init.copy_(linear.weight, torch.cat([eye, -eye], dim=1))
+        return
+    weight = torch.zeros_like(linear.weight)
+    weight[:D, :D], weight[D:, :D] = eye, -eye
+    weight[:, D:] = torch.randn_like(weight[:, D:]) * std
+    init.copy_(linear.weight, weight)
 
 
 class FPMGMConditioning(nn.Module):
@@ -302,6 +311,8 @@ class FPMGMPreTrainedModel(PreTrainedModel):
         if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and hasattr(module, "_fpmgm_role"):
+            init_injection_linear(module, std)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, std=std)
             if module.bias is not None:
@@ -310,8 +321,6 @@ class FPMGMPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, std=std)
         elif isinstance(module, FPMGMLayerNorm):
             init.ones_(module.weight)
-        elif isinstance(module, FPMGMInjection):
-            module.reset_identity()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` holds one name; both entries must reach config.json for the Hub.
@@ -356,13 +365,16 @@ class FPMGMModel(FPMGMPreTrainedModel):
             raise ValueError(f"`input_ids` must lie in [0, {cfg.vocab_size}), the vocabulary of this model.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"`attention_mask` shape {tuple(attention_mask.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}."
+                f"`attention_mask` shape {tuple(attention_mask.shape)} must equal "
+                f"`input_ids` shape {tuple(input_ids.shape)}."
             )
         if class_labels is not None:
             if not cfg.num_classes:
                 raise ValueError("`class_labels` was given but the model is unconditional (config.num_classes=0).")
             if class_labels.shape != (input_ids.shape[0],):
-                raise ValueError(f"`class_labels` must have shape ({input_ids.shape[0]},), got {tuple(class_labels.shape)}.")
+                raise ValueError(
+                    f"`class_labels` must have shape ({input_ids.shape[0]},), got {tuple(class_labels.shape)}."
+                )
             if int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes:
                 raise ValueError(
                     f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
@@ -413,13 +425,22 @@ class FPMGMModel(FPMGMPreTrainedModel):
         for block in self.pre_blocks:
             x = block(x, c, rope, attn_mask)
         h_pre = x
-        z, stats = self._fixed_point(h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator)
+        z, stats = self._fixed_point(
+            h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator
+        )
         x = z
         for block in self.post_blocks:
             x = block(x, c, rope, attn_mask)
-        passes = (self.config.num_pre_layers + self.config.num_post_layers) + stats.iterations * self.config.num_fp_layers
+        passes = (
+            self.config.num_pre_layers + self.config.num_post_layers
+        ) + stats.iterations * self.config.num_fp_layers
         out = FPMGMModelOutput(
-            last_hidden_state=x, conditioning=c, fixed_point=z, pre_fixed_point=h_pre, solver_stats=stats, block_passes=passes
+            last_hidden_state=x,
+            conditioning=c,
+            fixed_point=z,
+            pre_fixed_point=h_pre,
+            solver_stats=stats,
+            block_passes=passes,
         )
         return out if return_dict else out.to_tuple()
 
@@ -525,12 +546,23 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
         r"""Same arguments as [`FPMGMModel.forward`]; returns [`FPMGMOutput`] with `logits (B, L, V)`."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.model(
-            input_ids, timesteps=timesteps, class_labels=class_labels, attention_mask=attention_mask,
-            fixed_point_init=fixed_point_init, fp_iters=fp_iters, fp_tol=fp_tol, generator=generator, return_dict=True,
+            input_ids,
+            timesteps=timesteps,
+            class_labels=class_labels,
+            attention_mask=attention_mask,
+            fixed_point_init=fixed_point_init,
+            fp_iters=fp_iters,
+            fp_tol=fp_tol,
+            generator=generator,
+            return_dict=True,
         )
         logits = self.lm_head(out.last_hidden_state, out.conditioning)
         result = FPMGMOutput(
-            logits=logits, hidden_states=out.last_hidden_state, fixed_point=out.fixed_point,
-            pre_fixed_point=out.pre_fixed_point, solver_stats=out.solver_stats, block_passes=out.block_passes,
+            logits=logits,
+            hidden_states=out.last_hidden_state,
+            fixed_point=out.fixed_point,
+            pre_fixed_point=out.pre_fixed_point,
+            solver_stats=out.solver_stats,
+            block_passes=out.block_passes,
         )
         return result if return_dict else result.to_tuple()

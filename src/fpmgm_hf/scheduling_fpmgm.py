@@ -45,8 +45,9 @@ def subs_log_probs(logits: Tensor, canvas: Tensor, mask_id: int) -> Tensor:
     return torch.where(visible.unsqueeze(-1), carry, logp)
 
 
-def filter_log_probs(logp: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None) -> Tensor:
+def filter_log_probs(
+    logp: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> Tensor:
     """Temperature, top-k and nucleus filtering of log-probabilities (..., V); returns renormalised log-probs.
 
     temperature 0 is greedy: only the argmax survives.
@@ -79,8 +80,16 @@ def _uniform(shape, device, generator) -> Tensor:
 # ------------------------------------------------------------------------------------------ transitions
 
 
-def ancestral_step(canvas: Tensor, logp_x0: Tensor, t: float, s: float, mask_id: int, active: Tensor,
-                   generator: Optional[torch.Generator] = None, eps: float = 1e-3) -> Tensor:
+def ancestral_step(
+    canvas: Tensor,
+    logp_x0: Tensor,
+    t: float,
+    s: float,
+    mask_id: int,
+    active: Tensor,
+    generator: Optional[torch.Generator] = None,
+    eps: float = 1e-3,
+) -> Tensor:
     """MDLM's reverse step from time t to s < t (log-linear schedule, SUBS).
 
     Each masked, active position is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), its token
@@ -106,9 +115,19 @@ def mask_schedule(ratio: Tensor, kind: str = "cosine") -> Tensor:
     raise ValueError(f"unknown mask schedule {kind!r}; valid names: ['arccos', 'cosine', 'linear'].")
 
 
-def confidence_step(canvas: Tensor, logp_x0: Tensor, step: int, num_steps: int, initial_masked: Tensor,
-                    mask_id: int, active: Tensor, generator: Optional[torch.Generator] = None,
-                    randomness: float = 0.0, schedule: str = "cosine", order: Optional[Tensor] = None) -> Tensor:
+def confidence_step(
+    canvas: Tensor,
+    logp_x0: Tensor,
+    step: int,
+    num_steps: int,
+    initial_masked: Tensor,
+    mask_id: int,
+    active: Tensor,
+    generator: Optional[torch.Generator] = None,
+    randomness: float = 0.0,
+    schedule: str = "cosine",
+    order: Optional[Tensor] = None,
+) -> Tensor:
     """MaskGIT step: draw a token at every masked position, then keep the k most confident.
 
     k makes each row's masked count follow `schedule` from `initial_masked` (B,) to 0 at the last step,
@@ -166,9 +185,15 @@ def halton_order(rows: int, cols: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------- reuse
 
 
-def three_state_gamma(previous: Tensor, current: Tensor, mask_id: int, active: Optional[Tensor] = None,
-                      gamma_mask_min: float = 0.75, gamma_mask_max: float = 0.90,
-                      gamma_changed: float = 0.2) -> Tensor:
+def three_state_gamma(
+    previous: Tensor,
+    current: Tensor,
+    mask_id: int,
+    active: Optional[Tensor] = None,
+    gamma_mask_min: float = 0.75,
+    gamma_mask_max: float = 0.90,
+    gamma_changed: float = 0.2,
+) -> Tensor:
     """Per-token 3SR weight of the previous fixed point (paper Algorithm 1).
 
     unchanged visible token: 1; still masked: gamma_mask_min + (gamma_mask_max - gamma_mask_min) * v, with v
@@ -224,8 +249,15 @@ def allocate_iterations(total: int, num_steps: int, kind: str) -> list[int]:
     return alloc
 
 
-def plan_budget(budget: Optional[int], num_steps: Optional[int], k_pre: int, k_fp: int, k_post: int,
-                kind: str = "decreasing", iters_per_step: int = 4) -> list[int]:
+def plan_budget(
+    budget: Optional[int],
+    num_steps: Optional[int],
+    k_pre: int,
+    k_fp: int,
+    k_post: int,
+    kind: str = "decreasing",
+    iters_per_step: int = 4,
+) -> list[int]:
     """Fixed-point iterations per step so that sum_i (k_pre + n_i * k_fp + k_post) <= budget.
 
     Without a budget every step gets `iters_per_step`. Without `num_steps` they are chosen so each step

@@ -185,7 +185,8 @@ def _anderson_mix(F: Tensor, G: Tensor, n: int, lam: float, beta: float) -> Tens
     """
     b = G.shape[0]
     gram = torch.bmm(G, G.transpose(1, 2))  # (b, n, n)
-    gram = gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]  # ridge relative to |G|^2
+    gram = gram + lam * scale * torch.eye(n, dtype=gram.dtype, device=gram.device)
     H = torch.zeros(b, n + 1, n + 1, dtype=gram.dtype, device=gram.device)
     H[:, 0, 1:] = H[:, 1:, 0] = 1
     H[:, 1:, 1:] = gram
@@ -215,27 +216,29 @@ def anderson(
     """Anderson acceleration of `z <- f(z)`: each step mixes the last `memory` evaluations of `f`.
 
     Same arguments and returns as [`picard`], plus `memory` (history size), `beta` (mixing) and `lam`
-    (ridge term of the least-squares problem). Costs one `f` evaluation per iteration, like Picard. The
-    mixing runs in float32 over the positions in `mask`; padded positions just follow `f`.
+    (ridge term of the least-squares problem). Costs one `f` evaluation per iteration, like Picard, plus
+    histories of 2 * memory flattened states per sample. The mixing runs in float32 (float64 for float64
+    states) over the positions in `mask`; padded positions just follow `f`.
     """
     _check_args(max_iter, tol, on_nonfinite)
     state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace)
     shape = z0.shape[1:]
     B, N = z0.shape[0], z0[0].numel()
-    weight = None if mask is None else mask.unsqueeze(-1).expand_as(z0).reshape(B, N).float()  # (B, N)
-    hist_f = torch.zeros(B, memory, N, device=z0.device)  # f(x_k), flattened
-    hist_g = torch.zeros(B, memory, N, device=z0.device)  # f(x_k) - x_k, masked
+    work = torch.float64 if z0.dtype == torch.float64 else torch.float32  # mixing never below fp32
+    weight = None if mask is None else mask.unsqueeze(-1).expand_as(z0).reshape(B, N).to(work)  # (B, N)
+    hist_f = torch.zeros(B, memory, N, device=z0.device, dtype=work)  # f(x_k), flattened
+    hist_g = torch.zeros(B, memory, N, device=z0.device, dtype=work)  # f(x_k) - x_k, masked
     for step in range(max_iter):
         old = state.current()
         rows = state.rows
         fx = f(old, state.row_arg())
         k, n = step % memory, min(step + 1, memory)
-        g = (fx - old).reshape(-1, N).float()
-        hist_f[rows, k] = fx.reshape(-1, N).float()
+        g = (fx - old).reshape(-1, N).to(work)
+        hist_f[rows, k] = fx.reshape(-1, N).to(work)
         hist_g[rows, k] = g if weight is None else g * weight[rows]
         new = _anderson_mix(hist_f[rows, :n], hist_g[rows, :n], n, lam, beta)
         if weight is not None:  # padding positions are not part of the problem: plain Picard there
-            new = torch.where(weight[rows] > 0, new, fx.reshape(-1, N).float())
+            new = torch.where(weight[rows] > 0, new, fx.reshape(-1, N).to(work))
         new = new.to(z0.dtype).reshape(-1, *shape)
         keep = state.record(step, new, old, res=relative_residual(fx, old, state.sub_mask()))
         if not state.shrink(keep):

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny configs that run in seconds on CPU; `slow` tests run only with RUN_SLOW=1."""
+
+import os
+
+import pytest
+import torch
+
+from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
+
+VOCAB, MASK = 40, 39
+
+
+def tiny_config(**overrides) -> FPMGMConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        mask_token_id=MASK,
+        hidden_size=32,
+        num_attention_heads=4,
+        cond_dim=16,
+        max_position_embeddings=64,
+        dropout=0.0,
+        num_pre_layers=1,
+        num_fp_layers=1,
+        num_post_layers=1,
+    )
+    kwargs.update(overrides)
+    return FPMGMConfig(**kwargs)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter random values: the default init zeroes adaLN gates and the head, which
+    would make many parity checks trivially pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0  # LayerNorm weights stay near 1
+            p.copy_(base + torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides) -> FPMGMForMaskedGeneration:
+    torch.manual_seed(seed)
+    return randomize_(FPMGMForMaskedGeneration(tiny_config(**overrides)), seed).eval()
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
