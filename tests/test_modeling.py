@@ -31,10 +31,12 @@ def test_k_picard_iterations_equal_an_explicit_loop():
     K = 5
     with torch.no_grad():
         h_pre, c, rope = explicit_parts(model, x)
-        injected = model.model.injection.proj(h_pre)
+        inj = model.model.injection
+        g_pre = inj.proj(h_pre)
         z = h_pre
-        for _ in range(K):
-            z = model.model.fp_blocks[0](model.model.injection(z, injected), c, rope, None)
+        for _ in range(K):  # the injection written out: fc2(GELU(fc1([z, G(h_pre)])))
+            z_in = inj.fc2(inj.act(inj.fc1(torch.cat([z, g_pre], dim=-1))))
+            z = model.model.fp_blocks[0](z_in, c, rope, None)
         expected = explicit_head(model, z, c, rope)
         out = model(x, fp_iters=K)
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
@@ -60,6 +62,7 @@ def test_concat_mlp_injection_starts_as_identity_in_z():
     inj = model.model.injection
     z, h = torch.randn(2, 5, 32), torch.zeros(2, 5, 32)
     inj.proj.bias.data.zero_()
+    torch.testing.assert_close(inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h)], -1)))), z, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(inj(z, inj.prepare(h)), z, atol=1e-6, rtol=1e-6)
 
 
@@ -79,13 +82,13 @@ def test_sjfb_gradients_flow_only_through_graph_iterations():
     model.zero_grad()
     h_pre, c, rope = explicit_parts(model, x)
     inj = model.model.injection
-    injected = inj.proj(h_pre)
+    step = lambda z: model.model.fp_blocks[0](inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h_pre)], -1)))), c, rope, None)  # noqa: E731
     with torch.no_grad():
         z = h_pre
         for _ in range(3):
-            z = model.model.fp_blocks[0](inj(z, injected), c, rope, None)
+            z = step(z)
     for _ in range(2):
-        z = model.model.fp_blocks[0](inj(z, injected), c, rope, None)
+        z = step(z)
     explicit_head(model, z, c, rope).pow(2).mean().backward()
     for name, p in model.named_parameters():
         if p.grad is not None:

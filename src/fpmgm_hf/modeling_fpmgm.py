@@ -217,15 +217,25 @@ class FPMGMInjection(nn.Module):
             self.fc1._fpmgm_role, self.fc2._fpmgm_role = "fc1", "fc2"
 
     def prepare(self, h_pre: Tensor) -> Optional[Tensor]:
-        """G(h_pre), computed once per forward and held fixed across iterations."""
-        return None if self.kind == "none" else self.proj(h_pre)
+        """The part of the injection that does not depend on z, computed once per forward: G(h_pre) for
+        `add`, and fc1's G-columns applied to G(h_pre) plus fc1's bias for `concat_mlp` (exact: fc1 is linear
+        in the concatenation), which leaves 2D x D + D x 2D multiply-adds per token and iteration."""
+        if self.kind == "none":
+            return None
+        injected = self.proj(h_pre)  # (B, L, D)
+        if self.kind == "add":
+            return injected
+        D = injected.shape[-1]
+        return F.linear(injected, self.fc1.weight[:, D:], self.fc1.bias)  # (B, L, 2D)
 
     def forward(self, z: Tensor, injected: Optional[Tensor]) -> Tensor:
+        """z: (B, L, D); injected: the output of `prepare` (for the same rows)."""
         if self.kind == "none":
             return z
         if self.kind == "add":
             return z + injected
-        return self.fc2(self.act(self.fc1(torch.cat([z, injected], dim=-1))))
+        D = z.shape[-1]
+        return self.fc2(self.act(F.linear(z, self.fc1.weight[:, :D]) + injected))
 
     @torch.no_grad()
     def reset_identity(self):
