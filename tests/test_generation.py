@@ -178,3 +178,10 @@ def test_model_without_mask_token_is_refused():
     model.config.mask_token_id = None
     with pytest.raises(ValueError, match="mask_token_id"):
         model.generate(batch_size=1, seq_len=4)
+
+
+def test_generate_from_a_model_in_training_mode_follows_the_plan_and_restores_the_mode():
+    model = tiny_model().train()
+    out = gen(model, batch_size=1, seq_len=6, num_steps=3, fp_iters_per_step=2, use_cache=False)
+    assert all(s["iterations"].tolist() == [2] for s in out.step_stats if s["ran"].any())
+    assert model.training

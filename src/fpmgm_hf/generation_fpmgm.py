@@ -348,7 +348,12 @@ class FPMGMGenerationMixin:
             cfg.fp_schedule,
             cfg.fp_iters_per_step,
         )
-        out = self._sample_loop(canvas, active, labels, plan, cfg, generator, streamer, callback)
+        was_training = self.training
+        self.eval()  # training mode would run S-JFB draws instead of the planned iterations
+        try:
+            out = self._sample_loop(canvas, active, labels, plan, cfg, generator, streamer, callback)
+        finally:
+            self.train(was_training)
         return out if cfg.return_dict_in_generate else out.sequences
 
     def _sample_loop(self, canvas, active, labels, plan, cfg, generator, streamer, callback):
