@@ -9,6 +9,9 @@ from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
 
 VOCAB, MASK = 40, 39
 
+# Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy 2-core machine).
+torch.set_num_threads(1)
+
 
 def tiny_config(**overrides) -> FPMGMConfig:
     kwargs = dict(

@@ -185,3 +185,9 @@ def test_generate_from_a_model_in_training_mode_follows_the_plan_and_restores_th
     out = gen(model, batch_size=1, seq_len=6, num_steps=3, fp_iters_per_step=2, use_cache=False)
     assert all(s["iterations"].tolist() == [2] for s in out.step_stats if s["ran"].any())
     assert model.training
+
+
+def test_solver_trace_per_step():
+    out = gen(tiny_model(), batch_size=2, seq_len=6, num_steps=2, fp_iters_per_step=3, output_solver_trace=True,
+              use_cache=False)
+    assert out.step_stats[0]["trace"].shape == (2, 3) and torch.isfinite(out.step_stats[0]["trace"]).all()

@@ -58,6 +58,7 @@ _FIELDS: dict[str, Any] = {
     "use_cache": True,
     "return_dict_in_generate": False,
     "output_history": False,
+    "output_solver_trace": False,
     "mask_token_id": None,
     "pad_token_id": None,
     "bos_token_id": None,
@@ -94,6 +95,7 @@ class FPMGMGenerationConfig(GenerationConfig):
         use_cache (`bool`, True): skip the network for rows whose canvas did not change since their last
             call (exact when time conditioning is off); skipped calls cost no budget.
         return_dict_in_generate / output_history: return an [`FPMGMGenerationOutput`], with canvases.
+        output_solver_trace (`bool`, False): add each sample's residual per iteration to `step_stats`.
     """
 
     def __init__(self, **kwargs):
@@ -147,6 +149,9 @@ class FPMGMGenerationConfig(GenerationConfig):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= low if strict else v < low):
                 _bad(name, v, f"a number {'>' if strict else '>='} {low}")
+        for name in ("use_cache", "return_dict_in_generate", "output_history", "output_solver_trace"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False")
         if self.top_p is not None and self.top_p > 1:
             _bad("top_p", self.top_p, "a number in (0, 1]")
         if self.noise_eps >= 1:
@@ -178,7 +183,8 @@ class FPMGMGenerationOutput(ModelOutput):
     num_steps (`int`): denoising steps T.
     nfe (`LongTensor (B,)`): denoiser calls per sample (steps skipped by the cache are not counted).
     budget (`int`): the requested budget (None when unbounded).
-    step_stats (`list[dict]`): per step: `fp_iters` allotted, and per sample `iterations`, `residual`, `ran`.
+    step_stats (`list[dict]`): per step: `fp_iters` allotted, and per sample `iterations`, `residual`, `ran`
+        (and `trace`, the residual of every iteration, with `output_solver_trace=True`).
     history (`list[LongTensor (B, L)]`): the canvas after every step, when `output_history=True`.
     """
 
@@ -266,7 +272,8 @@ class FPMGMGenerationMixin:
     def _denoise(self, canvas, active, labels, t, fp_iters, init, cfg):
         """One network call on a subset of rows; returns (logits, model output). Runs the conditional and
         the null-class branch together when guidance is on."""
-        kwargs = dict(attention_mask=active.long(), fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0)
+        kwargs = dict(attention_mask=active.long(), fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0,
+                      fp_trace=cfg.output_solver_trace)
         timesteps = loglinear_sigma(torch.full((canvas.shape[0],), t, device=canvas.device), cfg.noise_eps)
         guided = cfg.guidance_scale is not None and labels is not None
         if not guided:
@@ -446,6 +453,10 @@ class FPMGMGenerationMixin:
         stats["iterations"][rows] = out.solver_stats.iterations[:n]
         stats["residual"][rows.cpu()] = out.solver_stats.residual[:n].float().cpu()
         stats["ran"][rows.cpu()] = True
+        if out.solver_stats.trace is not None:
+            trace = torch.full((B, out.solver_stats.trace.shape[1]), float("nan"))
+            trace[rows.cpu()] = out.solver_stats.trace[:n].float().cpu()
+            stats["trace"] = trace
 
     def _emit(self, canvas, step, history, cfg, streamer, callback):
         if cfg.output_history:

@@ -407,6 +407,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
         fixed_point_init: Optional[Union[Tensor, WarmStart]] = None,
         fp_iters: Optional[int] = None,
         fp_tol: Optional[float] = None,
+        fp_trace: bool = False,
         generator: Optional[torch.Generator] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
@@ -422,6 +423,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
             fp_iters (`int`): eval-mode iterations (default `config.fp_max_iter`).
             fp_tol (`float`): eval-mode per-sample relative-residual tolerance (default `config.fp_tol`;
                 0 disables early stopping).
+            fp_trace (`bool`): eval mode: also record the residual of every iteration (`solver_stats.trace`).
             generator (`torch.Generator`): draws the S-JFB iteration counts in training mode.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -436,7 +438,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
             x = block(x, c, rope, attn_mask)
         h_pre = x
         z, stats = self._fixed_point(
-            h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator
+            h_pre, c, rope, attn_mask, token_mask, fixed_point_init, (fp_iters, fp_tol, fp_trace), generator
         )
         x = z
         for block in self.post_blocks:
@@ -464,7 +466,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
             raise ValueError(f"`fixed_point_init` shape {tuple(fixed_point_init.shape)} must be {tuple(h_pre.shape)}.")
         return fixed_point_init.to(h_pre.dtype)
 
-    def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, fp_iters, fp_tol, generator):
+    def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, solve_args, generator):
         B = h_pre.shape[0]
         if not self.config.num_fp_layers:
             return h_pre, SolverStats.empty(B, h_pre.device)
@@ -484,16 +486,16 @@ class FPMGMModel(FPMGMPreTrainedModel):
         z0 = self._initial_state(h_pre, fixed_point_init)
         if self.training:
             return self._sjfb(f, z0, token_mask, generator)
-        return self._solve(f, z0, token_mask, fp_iters, fp_tol)
+        return self._solve(f, z0, token_mask, *solve_args)
 
-    def _solve(self, f, z0, token_mask, fp_iters, fp_tol):
+    def _solve(self, f, z0, token_mask, fp_iters, fp_tol, trace=False):
         cfg = self.config
         max_iter = cfg.fp_max_iter if fp_iters is None else fp_iters
         tol = cfg.fp_tol if fp_tol is None else (fp_tol or None)
         kwargs = {}
         if cfg.fp_solver == "anderson":
             kwargs = dict(memory=cfg.anderson_memory, beta=cfg.anderson_beta, lam=cfg.anderson_lam)
-        return get_solver(cfg.fp_solver)(f, z0, max_iter=max_iter, tol=tol, mask=token_mask, **kwargs)
+        return get_solver(cfg.fp_solver)(f, z0, max_iter=max_iter, tol=tol, mask=token_mask, trace=trace, **kwargs)
 
     def _sjfb(self, f, z0, token_mask, generator):
         """Stochastic Jacobian-free backprop: n ~ U{nograd} iterations without a graph, then
@@ -549,6 +551,7 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
         fixed_point_init: Optional[Union[Tensor, WarmStart]] = None,
         fp_iters: Optional[int] = None,
         fp_tol: Optional[float] = None,
+        fp_trace: bool = False,
         generator: Optional[torch.Generator] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
@@ -563,6 +566,7 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
             fixed_point_init=fixed_point_init,
             fp_iters=fp_iters,
             fp_tol=fp_tol,
+            fp_trace=fp_trace,
             generator=generator,
             return_dict=True,
         )
