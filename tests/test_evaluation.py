@@ -1,0 +1,53 @@
+"""The budget sweep CLI end to end on tiny models with a tiny local evaluation LM."""
+
+import json
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from conftest import MASK, VOCAB, tiny_model
+from fpmgm_hf.evaluation import main, step_grid
+
+
+def tiny_tokenizer():
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[MASK]": MASK}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, mask_token="[MASK]", eos_token="w0", pad_token="w0")
+
+
+def test_step_grid():
+    assert step_grid(tiny_model().config, 96) == [9, 16, 24, 32]  # 96 // (2 + n) for n = 8, 4, 2, 1
+    assert step_grid(tiny_model(num_pre_layers=12, num_fp_layers=0, num_post_layers=0).config, 96) == [8]
+
+
+def test_sweep_writes_tables_plots_samples_and_resumes(tmp_path):
+    tok = tiny_tokenizer()
+    for name, kw in (("fp", {}), ("mdlm", dict(num_pre_layers=3, num_fp_layers=0, num_post_layers=0))):
+        model = tiny_model(**kw)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tmp_path / "fp"), str(tmp_path / "mdlm"), "--names", "fp", "mdlm",
+            "--budgets", "12", "24", "--reuse", "none", "3sr", "--num-samples", "3", "--seq-len", "8",
+            "--batch-size", "2", "--eval-lm", str(tmp_path / "lm"), "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    best = {(p["model"], p["reuse"], p["budget"]) for p in results["best"]}
+    assert best == {("fp", "none", 12), ("fp", "none", 24), ("fp", "3sr", 12), ("fp", "3sr", 24),
+                    ("mdlm", "none", 12), ("mdlm", "none", 24)}
+    for p in results["points"]:
+        assert p["block_passes"] <= p["budget"] and p["gen_ppl"] > 0 and p["entropy"] >= 0
+        assert len((out / p["samples_file"]).read_text().splitlines()) == 3
+    assert results["eval_lm"]["comparable_to_published"] is False
+    assert "| fp | 3sr | decreasing |" in (out / "results.md").read_text()
+    assert (out / "quality_vs_budget.png").stat().st_size > 1000
+    # A re-run finds every point in points.jsonl and generates nothing new.
+    n_lines = len((out / "points.jsonl").read_text().splitlines())
+    assert main(argv) == 0
+    assert len((out / "points.jsonl").read_text().splitlines()) == n_lines
