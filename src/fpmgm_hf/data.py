@@ -1,0 +1,141 @@
+"""Text data for training: load texts (local files, a Hub dataset, or a bundled corpus), tokenise, pack
+into fixed-length blocks with EOS separators, split train / validation, and iterate over batches in a
+seeded, resumable order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+BUNDLED_CORPORA = ("shakespeare", "kjv")
+_TEXT_SUFFIXES = (".txt", ".text", ".md")
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_training_tokenizer(name_or_path: Optional[str] = None):
+    """A fast tokenizer with a mask token: a local folder (from `save_pretrained`), else a name resolved by
+    `fpmgm_hf.assets.load_tokenizer` (default "gpt2" with [MASK] appended, offline fallback)."""
+    if name_or_path and (os.sep in name_or_path or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"--tokenizer: folder {name_or_path!r} does not exist.")
+    if name_or_path and os.path.isdir(name_or_path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if tokenizer.mask_token_id is None:
+            tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    else:
+        from .assets import load_tokenizer  # deferred: the asset helpers are optional at import time
+
+        tokenizer = load_tokenizer(name_or_path or "gpt2")
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no mask token and none could be added.")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- texts
+
+
+def _files(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return any(os.sep in p or p.endswith(_TEXT_SUFFIXES + _JSON_SUFFIXES) for p in _files(spec))
+
+
+def load_texts(spec: str, text_field: str = "text") -> list[str]:
+    """Documents of `spec`: "shakespeare" / "kjv" (bundled), comma-separated local .txt / .jsonl files
+    (JSON records read from `text_field`), or a Hub dataset name (its "train" split)."""
+    if spec in BUNDLED_CORPORA:
+        from .assets import load_text_corpus
+
+        return list(load_text_corpus(spec))
+    import datasets
+
+    if _looks_like_path(spec):
+        paths = _files(spec)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"--data: file(s) not found: {missing}.")
+        kinds = {"json" if p.endswith(_JSON_SUFFIXES) else "text" for p in paths}
+        if len(kinds) > 1:
+            raise ValueError(f"--data mixes text and JSON files ({paths}); give one kind at a time.")
+        ds = datasets.load_dataset(kinds.pop(), data_files=paths, split="train")
+    else:
+        ds = datasets.load_dataset(spec, split="train")
+    if text_field not in ds.column_names:
+        raise ValueError(f"dataset {spec!r} has no {text_field!r} field; columns: {ds.column_names}.")
+    return [t for t in ds[text_field] if t]
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+def pack_blocks(texts: list[str], tokenizer, seq_len: int, chunk: int = 1000) -> Tensor:
+    """Tokenise every text, append EOS after each, concatenate and cut into (N, seq_len) blocks
+    (the incomplete tail is dropped). Raises ValueError when that leaves no block."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has neither an EOS nor a SEP token to separate documents.")
+    stream: list[int] = []
+    for start in range(0, len(texts), chunk):
+        for ids in tokenizer(texts[start:start + chunk], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the dataset is empty: {len(stream)} tokens, fewer than one block of --seq-len {seq_len}.")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split_blocks(blocks: Tensor, val_fraction: float = 0.05) -> tuple[Tensor, Tensor]:
+    """The last `val_fraction` of the blocks (at least one) is validation; needs at least two blocks."""
+    if blocks.shape[0] < 2:
+        raise ValueError(f"need at least 2 blocks for a train/validation split, got {blocks.shape[0]}.")
+    n_val = min(max(1, math.ceil(val_fraction * blocks.shape[0])), blocks.shape[0] - 1)
+    return blocks[:-n_val], blocks[-n_val:]
+
+
+def fingerprint(blocks: Tensor) -> str:
+    """A short content hash of the blocks, stored in checkpoints to detect a changed dataset on resume."""
+    return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+class BlockSampler:
+    """Deterministic batches over `num_blocks` blocks: epoch e uses permutation `randperm(seed + e)`,
+    cut into global batches of `global_batch` blocks (the tail of each epoch is dropped); process `rank`
+    takes its `per_process` slice. Batch k depends only on (seed, k), so resuming is a matter of k."""
+
+    def __init__(self, num_blocks: int, global_batch: int, rank: int, per_process: int, seed: int):
+        if num_blocks < global_batch:
+            raise ValueError(
+                f"only {num_blocks} training blocks, fewer than one global batch of {global_batch} "
+                "(batch size x processes); use more data, a shorter --seq-len or a smaller --batch-size."
+            )
+        self.num_blocks, self.global_batch, self.seed = num_blocks, global_batch, seed
+        self.rank, self.per_process = rank, per_process
+        self.batches_per_epoch = num_blocks // global_batch
+        self._epoch, self._perm = None, None
+
+    def indices(self, k: int) -> Tensor:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_blocks, generator=g)
+        start = j * self.global_batch + self.rank * self.per_process
+        return self._perm[start:start + self.per_process]
+
+    def epoch_of(self, k: int) -> int:
+        return k // self.batches_per_epoch

@@ -1,0 +1,441 @@
+"""Train an MDLM or FP-MDLM text model with Accelerate, and run the CoFRe consistency stage.
+
+    python -m fpmgm_hf.train --data shakespeare --preset fp-mdlm-tiny --seq-len 128 --max-steps 2000 --out runs/fp
+    accelerate launch --num_processes 2 -m fpmgm_hf.train --data corpus.jsonl --preset mdlm-small --out runs/m
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m fpmgm_hf.train ...   # 2 CPU processes
+    fpmgm-train --from runs/fp/final --data shakespeare --consistency-weight 0.1 --consistency-warmup 500 \
+        --stop-ppl-rise 0.15 --max-steps 3000 --out runs/fp-cofre
+
+Checkpoints (`OUT/checkpoints/step_N`) hold the Accelerate state plus `trainer_state.json` and the
+per-process generator states, so `--resume` reproduces the uninterrupted run exactly. The exported model
+(`OUT/final`) is a `save_pretrained` folder with the tokenizer. On CPU, `accelerate launch --cpu
+--num_processes 2` starts a single process unless MPI is installed; use torchrun as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+
+from .data import BlockSampler, fingerprint, load_texts, load_training_tokenizer, pack_blocks, split_blocks
+from .objectives import consistency_loss, consistency_weight_at, mdlm_nelbo
+
+_SMALL = dict(hidden_size=768, num_attention_heads=12, cond_dim=128, dropout=0.1)
+_TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
+PRESETS = {
+    "mdlm-small": dict(_SMALL, num_pre_layers=12, num_fp_layers=0, num_post_layers=0),
+    "fp-mdlm-small": dict(_SMALL, num_pre_layers=1, num_fp_layers=1, num_post_layers=1, injection="concat_mlp"),
+    "mdlm-tiny": dict(_TINY, num_pre_layers=6, num_fp_layers=0, num_post_layers=0),
+    "fp-mdlm-tiny": dict(_TINY, num_pre_layers=1, num_fp_layers=1, num_post_layers=1, injection="concat_mlp"),
+}
+STATE_FILE = "trainer_state.json"
+# Settings that must match for `--resume` to continue the same run.
+RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "num_processes", "seed", "train_blocks", "data_fingerprint",
+               "vocab_size", "mask_token_id", "consistency_weight", "eps")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fpmgm-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True,
+      help="'shakespeare', 'kjv', comma-separated local .txt/.jsonl files, or a Hub dataset name.")
+    a("--text-field", default="text", help="Field holding the text in JSON(L) files and Hub datasets.")
+    a("--tokenizer", default=None,
+      help="Tokenizer folder or name (default: gpt2 with [MASK]; with --from, that folder's tokenizer).")
+    a("--out", required=True, help="Output folder: log.jsonl, checkpoints/step_N, final/.")
+    a("--preset", choices=sorted(PRESETS), default="fp-mdlm-tiny", help="Model architecture preset.")
+    a("--config", default=None, help="JSON file (or config folder) of FPMGMConfig fields; replaces --preset.")
+    a("--from", dest="init_from", default=None,
+      help="Start from this save_pretrained folder (e.g. for the consistency stage).")
+    a("--seq-len", type=int, default=128, help="Tokens per training block.")
+    a("--val-fraction", type=float, default=0.05, help="Fraction of blocks (the last ones) held out for validation.")
+    a("--batch-size", type=int, default=8, help="Blocks per process per micro-batch.")
+    a("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+    a("--max-steps", type=int, default=1000, help="Optimizer steps in total (including resumed ones).")
+    a("--lr", type=float, default=None, help="Peak learning rate (default 2e-4 for FP models, 3e-4 for MDLM).")
+    a("--warmup-steps", type=int, default=100, help="Linear learning-rate warm-up steps; constant afterwards.")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
+    a("--clip", type=float, default=1.0, help="Gradient-norm clipping threshold (0 disables).")
+    a("--ema", type=float, default=None,
+      help="EMA decay (e.g. 0.9999); evaluation and the final export use the EMA weights.")
+    a("--eps", type=float, default=1e-3, help="Epsilon of the log-linear noise schedule and of t ~ U[eps, 1].")
+    a("--mixed-precision", choices=["no", "fp16", "bf16", "fp8"], default=None,
+      help="Passed to Accelerator (default: from `accelerate launch` / config).")
+    a("--seed", type=int, default=0, help="Seed of the model init, the data order and every noise draw.")
+    a("--eval-every", type=int, default=200, help="Validate every N optimizer steps (and at the end).")
+    a("--eval-batches", type=int, default=20, help="Validation batches per process per evaluation (0 = all).")
+    a("--save-every", type=int, default=500, help="Save a resumable checkpoint every N steps (0 = never).")
+    a("--resume", default=None, help="Checkpoint folder to continue from, or 'latest' (newest in OUT/checkpoints).")
+    a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = plain MDLM).")
+    a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
+    a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
+    a("--stop-ppl-rise", type=float, default=None,
+      help="Consistency stage: stop at the first eval whose val PPL exceeds the pre-stage PPL by this fraction.")
+    a("--sample-steps", type=int, default=8, help="Denoising steps of the samples whose entropy is logged.")
+    a("--cpu", action="store_true", help="Force CPU even when an accelerator is available.")
+    return p
+
+
+def _check_args(args) -> None:
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}.")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
+    if args.config and args.init_from:
+        raise ValueError("give either --config (a fresh model) or --from (a trained one), not both.")
+    for flag, path in (("--config", args.config), ("--from", args.init_from)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag}: {path!r} does not exist.")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def check_vocab(config, tokenizer, source: str) -> None:
+    """The model's vocabulary and mask id must be the tokenizer's."""
+    want = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+    for key, value in want.items():
+        if getattr(config, key) != value:
+            raise ValueError(f"{source} has {key}={getattr(config, key)} but the tokenizer has {key}={value}.")
+
+
+def build_model(args, tokenizer):
+    from . import FPMGMConfig, FPMGMForMaskedGeneration
+
+    if args.init_from:
+        model = FPMGMForMaskedGeneration.from_pretrained(args.init_from)
+        check_vocab(model.config, tokenizer, f"--from {args.init_from}")
+        return model
+    vocab = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+    if args.config:
+        path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+        with open(path) as f:
+            fields = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        for key, value in vocab.items():
+            if key in fields and fields[key] != value:
+                raise ValueError(
+                    f"--config {args.config} has {key}={fields[key]} but the tokenizer has {key}={value}."
+                )
+        fields.update(vocab)
+    else:
+        fields = dict(PRESETS[args.preset], **vocab, max_position_embeddings=max(1024, args.seq_len))
+    torch.manual_seed(args.seed)
+    return FPMGMForMaskedGeneration(FPMGMConfig(**fields))
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (checkpointed through Accelerate)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model) -> None:
+        """Exchange the model's weights with the averaged ones (call twice to undo)."""
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                tmp = p.detach().clone()
+                p.copy_(self.shadow[n])
+                self.shadow[n].copy_(tmp)
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        for n, v in state["shadow"].items():
+            self.shadow[n].copy_(v)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Holds one run: accelerator, model, optimizer, data, generators and the logged history."""
+
+    def __init__(self, args, accelerator, model, tokenizer, train_blocks, val_blocks):
+        self.args, self.acc, self.tokenizer = args, accelerator, tokenizer
+        self.train_blocks, self.val_blocks = train_blocks, val_blocks
+        is_fp = model.config.num_fp_layers > 0
+        self.lr = args.lr if args.lr is not None else (2e-4 if is_fp else 3e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, opt)
+        self.ema = EMA(accelerator.unwrap_model(self.model), args.ema) if args.ema else None
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.sampler = BlockSampler(len(train_blocks), args.batch_size * world, rank, args.batch_size, args.seed)
+        self.generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # noise + S-JFB draws
+        self.step, self.baseline_ppl, self.stopped = 0, None, False
+        self.meta = {"seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                     "num_processes": world, "seed": args.seed, "train_blocks": len(train_blocks),
+                     "data_fingerprint": fingerprint(train_blocks), "vocab_size": model.config.vocab_size,
+                     "mask_token_id": model.config.mask_token_id, "consistency_weight": args.consistency_weight,
+                     "eps": args.eps, "model_config": _arch(model.config)}
+        self.log_path = os.path.join(args.out, "log.jsonl")
+
+    # ------------------------------------------------------------------------------------ one step
+
+    def loss(self, x0: torch.Tensor):
+        a = self.args
+        if a.consistency_weight > 0:
+            lam = consistency_weight_at(self.step, a.consistency_weight, a.consistency_warmup)
+            loss, aux = consistency_loss(self.model, x0, generator=self.generator, weight=lam, eps=a.eps,
+                                         gap=tuple(a.consistency_gap), teacher=self.acc.unwrap_model(self.model))
+            return loss, {"lambda": lam, "task": aux["task"].item(), "consistency": aux["consistency"].item()}
+        loss, _ = mdlm_nelbo(self.model, x0, generator=self.generator, eps=a.eps)
+        return loss, {}
+
+    def train_step(self) -> dict:
+        a, acc = self.args, self.acc
+        lr = self.lr * min(1.0, (self.step + 1) / max(1, a.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, extra = [], {}
+        for micro in range(a.grad_accum):
+            idx = self.sampler.indices(self.step * a.grad_accum + micro)
+            x0 = self.train_blocks[idx].to(acc.device)
+            with acc.accumulate(self.model):
+                loss, extra = self.loss(x0)
+                acc.backward(loss)
+                if acc.sync_gradients and a.clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), a.clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            losses.append(loss.detach())
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model))
+        self.step += 1
+        mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        return {"step": self.step, "loss": mean, "lr": lr, **extra}
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation NELBO (nats/token) and perplexity, one antithetic draw per batch from a fixed seed."""
+        a, acc = self.args, self.acc
+        model = acc.unwrap_model(self.model)
+        model.eval()
+        if self.ema is not None:
+            self.ema.swap(model)
+        g = torch.Generator().manual_seed(a.seed + 7919 + acc.process_index)
+        shard = self.val_blocks[acc.process_index::acc.num_processes]
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        for i, start in enumerate(range(0, len(shard), a.batch_size)):
+            if a.eval_batches and i >= a.eval_batches:
+                break
+            _, aux = mdlm_nelbo(model, shard[start:start + a.batch_size].to(acc.device), generator=g, eps=a.eps)
+            total += torch.stack([aux["nll_sum"].double(), aux["num_tokens"].double()])
+        total = acc.reduce(total, reduction="sum")
+        result = {"step": self.step, "val_nelbo": (total[0] / total[1].clamp_min(1)).item()}
+        result["val_ppl"] = math.exp(min(result["val_nelbo"], 700.0))
+        if a.consistency_weight > 0 and acc.is_main_process:
+            result["sample_entropy"] = self.sample_entropy(model)
+        if self.ema is not None:
+            self.ema.swap(model)
+        model.train()
+        return result
+
+    def sample_entropy(self, model) -> float:
+        """Mean unigram entropy (nats) of 4 unconditional samples: collapse shows as a falling value."""
+        g = torch.Generator().manual_seed(self.args.seed + 4242)
+        samples = model.generate(batch_size=4, seq_len=self.args.seq_len, num_steps=self.args.sample_steps,
+                                 generator=g)
+        values = []
+        for row in samples.cpu():
+            p = torch.bincount(row).double() / row.numel()
+            p = p[p > 0]
+            values.append(float(-(p * p.log()).sum()))
+        return sum(values) / len(values)
+
+    def log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def check_stop(self, result: dict) -> None:
+        rise = self.args.stop_ppl_rise
+        if rise is None or self.args.consistency_weight <= 0 or self.baseline_ppl is None:
+            return
+        if result["val_ppl"] > self.baseline_ppl * (1 + rise):
+            self.stopped = True
+            self.log({"event": "early_stop", "step": self.step, "val_ppl": result["val_ppl"],
+                      "baseline_ppl": self.baseline_ppl, "threshold": self.baseline_ppl * (1 + rise)})
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def save(self) -> str:
+        acc = self.acc
+        root = os.path.join(self.args.out, "checkpoints")
+        final, tmp = os.path.join(root, f"step_{self.step}"), os.path.join(root, f".tmp_step_{self.step}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        torch.save(self.generator.get_state(), os.path.join(tmp, f"generator_{acc.process_index}.pt"))
+        if acc.is_main_process:
+            state = dict(self.meta, step=self.step, data_position=self.step * self.args.grad_accum,
+                         epoch=self.sampler.epoch_of(self.step * self.args.grad_accum), baseline_ppl=self.baseline_ppl)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=1)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: str) -> None:
+        state_path = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_path):
+            raise ValueError(f"--resume: {path!r} is not a checkpoint folder (no {STATE_FILE}).")
+        with open(state_path) as f:
+            state = json.load(f)
+        check_resume(state, self.meta, path)
+        gen_path = os.path.join(path, f"generator_{self.acc.process_index}.pt")
+        if not os.path.isfile(gen_path):
+            raise ValueError(f"--resume: {path!r} lacks {os.path.basename(gen_path)} for this process.")
+        self.acc.load_state(path)
+        self.generator.set_state(torch.load(gen_path))
+        self.step, self.baseline_ppl = state["step"], state.get("baseline_ppl")
+
+
+def _arch(config) -> dict:
+    keys = ("hidden_size", "num_attention_heads", "mlp_ratio", "cond_dim", "num_pre_layers", "num_fp_layers",
+            "num_post_layers", "injection", "time_conditioning", "num_classes")
+    return {k: getattr(config, k) for k in keys}
+
+
+def check_resume(saved: dict, current: dict, path: str) -> None:
+    """Raise ValueError naming every setting that differs between the checkpoint and this run."""
+    diffs = []
+    for key in RESUME_KEYS:
+        if saved.get(key) != current[key]:
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current[key]!r}")
+    for key, value in current["model_config"].items():
+        if saved.get("model_config", {}).get(key) != value:
+            diffs.append(f"model {key}: checkpoint {saved.get('model_config', {}).get(key)!r} vs this run {value!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {path!r}, it was saved by an incompatible run: " + "; ".join(diffs))
+
+
+def resolve_resume(spec: Optional[str], out: str) -> Optional[str]:
+    if spec is None:
+        return None
+    if spec != "latest":
+        if not os.path.isdir(spec):
+            raise ValueError(f"--resume: checkpoint folder {spec!r} does not exist.")
+        return spec
+    root = os.path.join(out, "checkpoints")
+    steps = [d for d in os.listdir(root) if d.startswith("step_")] if os.path.isdir(root) else []
+    if not steps:
+        raise ValueError(f"--resume latest: no checkpoint under {root!r}.")
+    return os.path.join(root, max(steps, key=lambda d: int(d.split("_")[1])))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def prepare_data(args, tokenizer, accelerator):
+    with accelerator.main_process_first():
+        texts = load_texts(args.data, args.text_field)
+    if not texts:
+        raise ValueError(f"--data {args.data!r} holds no text.")
+    blocks = pack_blocks(texts, tokenizer, args.seq_len)
+    if int(blocks.max()) >= len(tokenizer):
+        raise ValueError(f"token id {int(blocks.max())} is outside the tokenizer's size {len(tokenizer)}.")
+    return split_blocks(blocks, args.val_fraction)
+
+
+def run_loop(trainer: Trainer) -> None:
+    from tqdm.auto import tqdm
+
+    a, acc = trainer.args, trainer.acc
+    bar = tqdm(total=a.max_steps, initial=trainer.step, disable=not acc.is_local_main_process, desc="train")
+    while trainer.step < a.max_steps and not trainer.stopped:
+        record = trainer.train_step()
+        trainer.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        last = trainer.step == a.max_steps
+        if a.eval_every and (trainer.step % a.eval_every == 0 or last):
+            result = trainer.evaluate()
+            trainer.log(result)
+            bar.write(f"step {trainer.step}: val NELBO {result['val_nelbo']:.4f}, PPL {result['val_ppl']:.2f}")
+            trainer.check_stop(result)
+        if a.save_every and (trainer.step % a.save_every == 0 or last or trainer.stopped):
+            trainer.save()
+    bar.close()
+
+
+def export(trainer: Trainer) -> str:
+    acc = trainer.acc
+    acc.wait_for_everyone()
+    path = os.path.join(trainer.args.out, "final")
+    if acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        if trainer.ema is not None:
+            trainer.ema.swap(model)
+        model.save_pretrained(path)
+        trainer.tokenizer.save_pretrained(path)
+        if trainer.ema is not None:
+            trainer.ema.swap(model)
+    acc.wait_for_everyone()
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    """Entry point of `fpmgm-train`; returns the exported model folder."""
+    from accelerate import Accelerator
+
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    acc_kwargs = {"gradient_accumulation_steps": args.grad_accum, "cpu": args.cpu}
+    if args.mixed_precision is not None:
+        acc_kwargs["mixed_precision"] = args.mixed_precision
+    accelerator = Accelerator(**acc_kwargs)
+    resume = resolve_resume(args.resume, args.out)
+    tok_source = args.tokenizer
+    if tok_source is None and args.init_from and os.path.isfile(os.path.join(args.init_from, "tokenizer_config.json")):
+        tok_source = args.init_from
+    tokenizer = load_training_tokenizer(tok_source)
+    train_blocks, val_blocks = prepare_data(args, tokenizer, accelerator)
+    model = build_model(args, tokenizer)
+    os.makedirs(args.out, exist_ok=True)
+    trainer = Trainer(args, accelerator, model, tokenizer, train_blocks, val_blocks)
+    if resume:
+        trainer.load(resume)
+        trainer.log({"event": "resume", "step": trainer.step, "from": resume})
+    elif args.eval_every:
+        result = trainer.evaluate()  # step 0; in the consistency stage, the reference of --stop-ppl-rise
+        if args.consistency_weight > 0:
+            trainer.baseline_ppl = result["val_ppl"]
+        trainer.log({**result, "event": "pre_stage" if args.consistency_weight > 0 else "start"})
+    run_loop(trainer)
+    return export(trainer)
+
+
+if __name__ == "__main__":
+    main()
