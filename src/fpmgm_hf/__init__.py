@@ -18,6 +18,7 @@ from .modeling_fpmgm import (
     WarmStart,
 )
 from .solver_fpmgm import SolverStats, anderson, get_solver, picard
+from .vq import VQVAEConfig, VQVAEModel, VQVAEOutput  # importing registers the VQ tokenizer's Auto classes
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,9 @@ __all__ = [
     "FPMGMOutput",
     "FPMGMPreTrainedModel",
     "SolverStats",
+    "VQVAEConfig",
+    "VQVAEModel",
+    "VQVAEOutput",
     "WarmStart",
     "anderson",
     "get_solver",

@@ -58,7 +58,9 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
     if spec in BUNDLED_CORPORA:
         from .assets import load_text_corpus
 
-        return list(load_text_corpus(spec))
+        lines = load_text_corpus(spec)
+        # Verses and verse lines are too short to be documents: keep newlines, put an EOS every 32 lines.
+        return ["\n".join(lines[i:i + 32]) for i in range(0, len(lines), 32)]
     import datasets
 
     if _looks_like_path(spec):
@@ -139,3 +141,33 @@ class BlockSampler:
 
     def epoch_of(self, k: int) -> int:
         return k // self.batches_per_epoch
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
+    """Train a byte-level BPE on `texts` with `<|endoftext|>` (bos/eos/pad) and `[MASK]`, save it to `out_dir`
+    (written to a temp folder, then renamed) and return it. For CPU-scale runs where GPT-2's 50k-token
+    output layer would dominate the compute."""
+    import shutil
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300 for a byte-level BPE (256 bytes + specials), got {vocab_size}.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.add_special_tokens({"mask_token": "[MASK]"})
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
+    fast.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return fast

@@ -174,12 +174,17 @@ class EMA:
 class Trainer:
     """Holds one run: accelerator, model, optimizer, data, generators and the logged history."""
 
-    def __init__(self, args, accelerator, model, tokenizer, train_blocks, val_blocks):
+    def __init__(self, args, accelerator, model, tokenizer, train_blocks, val_blocks, loss_fn=None):
+        """`loss_fn(trainer, x0) -> (loss, extra_log_dict)` replaces the default objective (MDLM NELBO, or
+        the CoFRe consistency loss when `args.consistency_weight > 0`); e.g. the converter's distillation loss.
+        Only parameters with `requires_grad` are optimised (e.g. LoRA adapters)."""
         self.args, self.acc, self.tokenizer = args, accelerator, tokenizer
+        self.loss_fn = loss_fn
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         is_fp = model.config.num_fp_layers > 0
         self.lr = args.lr if args.lr is not None else (2e-4 if is_fp else 3e-4)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, opt)
         self.ema = EMA(accelerator.unwrap_model(self.model), args.ema) if args.ema else None
         if self.ema is not None:
@@ -198,6 +203,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ one step
 
     def loss(self, x0: torch.Tensor):
+        if self.loss_fn is not None:
+            return self.loss_fn(self, x0)
         a = self.args
         if a.consistency_weight > 0:
             lam = consistency_weight_at(self.step, a.consistency_weight, a.consistency_warmup)
@@ -220,7 +227,7 @@ class Trainer:
                 loss, extra = self.loss(x0)
                 acc.backward(loss)
                 if acc.sync_gradients and a.clip > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), a.clip)
+                    acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], a.clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             losses.append(loss.detach())
@@ -369,6 +376,20 @@ def prepare_data(args, tokenizer, accelerator):
     return split_blocks(blocks, args.val_fraction)
 
 
+def begin(trainer: Trainer, resume: Optional[str]) -> None:
+    """Load `resume` (a checkpoint folder) or, for a fresh run, evaluate at step 0: in the consistency
+    stage that value is the reference of `--stop-ppl-rise`."""
+    args = trainer.args
+    if resume:
+        trainer.load(resume)
+        trainer.log({"event": "resume", "step": trainer.step, "from": resume})
+    elif args.eval_every:
+        result = trainer.evaluate()
+        if args.consistency_weight > 0:
+            trainer.baseline_ppl = result["val_ppl"]
+        trainer.log({**result, "event": "pre_stage" if args.consistency_weight > 0 else "start"})
+
+
 def run_loop(trainer: Trainer) -> None:
     from tqdm.auto import tqdm
 
@@ -398,8 +419,12 @@ def export(trainer: Trainer) -> str:
         model = acc.unwrap_model(trainer.model)
         if trainer.ema is not None:
             trainer.ema.swap(model)
-        model.save_pretrained(path)
-        trainer.tokenizer.save_pretrained(path)
+        tmp = path + ".tmp"  # written whole, then renamed: `final/` is never half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        trainer.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
         if trainer.ema is not None:
             trainer.ema.swap(model)
     acc.wait_for_everyone()
@@ -425,14 +450,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     model = build_model(args, tokenizer)
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(args, accelerator, model, tokenizer, train_blocks, val_blocks)
-    if resume:
-        trainer.load(resume)
-        trainer.log({"event": "resume", "step": trainer.step, "from": resume})
-    elif args.eval_every:
-        result = trainer.evaluate()  # step 0; in the consistency stage, the reference of --stop-ppl-rise
-        if args.consistency_weight > 0:
-            trainer.baseline_ppl = result["val_ppl"]
-        trainer.log({**result, "event": "pre_stage" if args.consistency_weight > 0 else "start"})
+    begin(trainer, resume)
     run_loop(trainer)
     return export(trainer)
 
