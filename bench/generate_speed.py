@@ -20,9 +20,16 @@ from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
 
 def build(args, **layers):
     torch.manual_seed(0)
-    config = FPMGMConfig(vocab_size=args.vocab, mask_token_id=args.vocab - 1, hidden_size=args.hidden,
-                         num_attention_heads=args.heads, cond_dim=64, max_position_embeddings=args.length,
-                         dropout=0.0, **layers)
+    config = FPMGMConfig(
+        vocab_size=args.vocab,
+        mask_token_id=args.vocab - 1,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        cond_dim=64,
+        max_position_embeddings=args.length,
+        dropout=0.0,
+        **layers,
+    )
     return FPMGMForMaskedGeneration(config).eval()
 
 
@@ -32,7 +39,9 @@ def timed(model, args, repeats, **kw):
     for r in range(repeats + 1):  # the first call warms up
         g = torch.Generator().manual_seed(r)
         t0 = time.perf_counter()
-        out = model.generate(batch_size=args.batch, seq_len=args.length, generator=g, return_dict_in_generate=True, **kw)
+        out = model.generate(
+            batch_size=args.batch, seq_len=args.length, generator=g, return_dict_in_generate=True, **kw
+        )
         if r:
             times.append(time.perf_counter() - t0)
     return statistics.median(times), out
@@ -53,8 +62,10 @@ def main():
         torch.set_num_threads(args.threads)
     mdlm = build(args, num_pre_layers=12, num_fp_layers=0, num_post_layers=0)
     fp = build(args, num_pre_layers=1, num_fp_layers=1, num_post_layers=1)
-    print(f"width {args.hidden}, length {args.length}, batch {args.batch}, vocab {args.vocab}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"width {args.hidden}, length {args.length}, batch {args.batch}, vocab {args.vocab}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print("| budget | steps | MDLM s | FP-MDLM s | MDLM s/pass | FP s/pass | ratio (FP/MDLM per pass) |")
     print("|---|---|---|---|---|---|---|")
     for budget in args.budgets:
@@ -64,8 +75,10 @@ def main():
         t_f, o_f = timed(fp, args, args.repeats, reuse="3sr", **common)
         per_m = t_m / o_m.block_passes.float().mean().item()
         per_f = t_f / o_f.block_passes.float().mean().item()
-        print(f"| {budget} | {steps} | {t_m:.3f} | {t_f:.3f} | {per_m * 1e3:.2f} ms | {per_f * 1e3:.2f} ms | "
-              f"{per_f / per_m:.3f} |")
+        print(
+            f"| {budget} | {steps} | {t_m:.3f} | {t_f:.3f} | {per_m * 1e3:.2f} ms | {per_f * 1e3:.2f} ms | "
+            f"{per_f / per_m:.3f} |"
+        )
     budget = args.budgets[-1]
     print(f"\nsavings at budget {budget} (block passes actually run, mean over the batch):")
     for name, model, kw in [
@@ -76,8 +89,10 @@ def main():
     ]:
         _, out = timed(model, args, 1, **kw)
         used = out.block_passes.float().mean().item()
-        print(f"  {name:32s} {used:7.1f} of {kw['budget']} ({100 * (1 - used / kw['budget']):.1f}% saved), "
-              f"nfe {out.nfe.float().mean().item():.1f}")
+        print(
+            f"  {name:32s} {used:7.1f} of {kw['budget']} ({100 * (1 - used / kw['budget']):.1f}% saved), "
+            f"nfe {out.nfe.float().mean().item():.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,17 @@ import torch
 
 def traces(model, solver, reuse, args):
     model.config.fp_solver = solver
-    out = model.generate(batch_size=args.batch, seq_len=args.seq_len, num_steps=args.steps,
-                         fp_iters_per_step=args.iters, reuse=reuse, use_cache=False, output_solver_trace=True,
-                         generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
+    out = model.generate(
+        batch_size=args.batch,
+        seq_len=args.seq_len,
+        num_steps=args.steps,
+        fp_iters_per_step=args.iters,
+        reuse=reuse,
+        use_cache=False,
+        output_solver_trace=True,
+        generator=torch.Generator().manual_seed(0),
+        return_dict_in_generate=True,
+    )
     rows = [s["trace"] for s in out.step_stats[1:] if "trace" in s]
     return torch.cat(rows).nanmedian(dim=0).values  # (iters,)
 

@@ -3,10 +3,10 @@
 import json
 
 import torch
+from conftest import MASK, VOCAB, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from conftest import MASK, VOCAB, tiny_model
 from fpmgm_hf.evaluation import main, step_grid
 
 
@@ -33,14 +33,42 @@ def test_sweep_writes_tables_plots_samples_and_resumes(tmp_path):
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     out = tmp_path / "sweep"
-    argv = ["sweep", "--model", str(tmp_path / "fp"), str(tmp_path / "mdlm"), "--names", "fp", "mdlm",
-            "--budgets", "12", "24", "--reuse", "none", "3sr", "--num-samples", "3", "--seq-len", "8",
-            "--batch-size", "2", "--eval-lm", str(tmp_path / "lm"), "--out", str(out)]
+    argv = [
+        "sweep",
+        "--model",
+        str(tmp_path / "fp"),
+        str(tmp_path / "mdlm"),
+        "--names",
+        "fp",
+        "mdlm",
+        "--budgets",
+        "12",
+        "24",
+        "--reuse",
+        "none",
+        "3sr",
+        "--num-samples",
+        "3",
+        "--seq-len",
+        "8",
+        "--batch-size",
+        "2",
+        "--eval-lm",
+        str(tmp_path / "lm"),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     best = {(p["model"], p["reuse"], p["budget"]) for p in results["best"]}
-    assert best == {("fp", "none", 12), ("fp", "none", 24), ("fp", "3sr", 12), ("fp", "3sr", 24),
-                    ("mdlm", "none", 12), ("mdlm", "none", 24)}
+    assert best == {
+        ("fp", "none", 12),
+        ("fp", "none", 24),
+        ("fp", "3sr", 12),
+        ("fp", "3sr", 24),
+        ("mdlm", "none", 12),
+        ("mdlm", "none", 24),
+    }
     for p in results["points"]:
         assert p["block_passes"] <= p["budget"] and p["gen_ppl"] > 0 and p["entropy"] >= 0
         assert len((out / p["samples_file"]).read_text().splitlines()) == 3

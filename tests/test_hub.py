@@ -12,8 +12,16 @@ from fpmgm_hf.hub import push_folder, render_model_card
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_rendered_card_has_valid_yaml_front_matter(kind):
     model = tiny_model(num_classes=3 if kind == "image" else 0)
-    card = render_model_card(model, kind=kind, repo_id="me/tiny", revision="abc123", base_model="org/base",
-                             datasets=["shakespeare"], settings={"steps": 10}, results="| budget | ppl |\n|---|---|")
+    card = render_model_card(
+        model,
+        kind=kind,
+        repo_id="me/tiny",
+        revision="abc123",
+        base_model="org/base",
+        datasets=["shakespeare"],
+        settings={"steps": 10},
+        results="| budget | ppl |\n|---|---|",
+    )
     text = str(card)
     front = yaml.safe_load(text.split("---")[1])
     assert front["library_name"] == "transformers"
@@ -37,7 +45,9 @@ def test_push_uploads_the_folder_with_our_card(tmp_path):
     kwargs = api.upload_folder.call_args.kwargs
     assert kwargs["repo_id"] == "me/tiny" and kwargs["revision"] == "v1" and kwargs["folder_path"] == str(tmp_path)
     uploaded = sorted(p.name for p in (tmp_path).iterdir())
-    assert {"README.md", "config.json", "model.safetensors", "modeling_fpmgm.py", "generation_config.json"} <= set(uploaded)
+    assert {"README.md", "config.json", "model.safetensors", "modeling_fpmgm.py", "generation_config.json"} <= set(
+        uploaded
+    )
     assert "fixed-point" in (tmp_path / "README.md").read_text()
 
 

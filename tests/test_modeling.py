@@ -82,7 +82,9 @@ def test_sjfb_gradients_flow_only_through_graph_iterations():
     model.zero_grad()
     h_pre, c, rope = explicit_parts(model, x)
     inj = model.model.injection
-    step = lambda z: model.model.fp_blocks[0](inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h_pre)], -1)))), c, rope, None)  # noqa: E731
+    step = lambda z: model.model.fp_blocks[0](
+        inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h_pre)], -1)))), c, rope, None
+    )  # noqa: E731
     with torch.no_grad():
         z = h_pre
         for _ in range(3):

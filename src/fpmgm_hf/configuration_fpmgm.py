@@ -190,7 +190,7 @@ class FPMGMConfig(PretrainedConfig):
         if (
             isinstance(self.anderson_lam, bool)
             or not isinstance(self.anderson_lam, (int, float))
-            or self.anderson_lam < 0
+            or not self.anderson_lam >= 0
         ):
             _fail("anderson_lam", self.anderson_lam, "a float >= 0")
         if self.position_encoding not in POSITION_ENCODINGS:
@@ -199,7 +199,7 @@ class FPMGMConfig(PretrainedConfig):
         if (
             isinstance(self.initializer_range, bool)
             or not isinstance(self.initializer_range, (int, float))
-            or self.initializer_range <= 0
+            or not self.initializer_range > 0
         ):
             _fail("initializer_range", self.initializer_range, "a float > 0")
 

@@ -79,8 +79,12 @@ def score(sequences, tokenizer, eval_lm, eval_tok, batch_size: int = 8) -> dict:
 
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=False)
     ppl = generative_perplexity(texts, eval_lm, eval_tok, batch_size=batch_size)
-    return {"gen_ppl": float(ppl["gen_ppl"]), "pooled_ppl": float(ppl["pooled_ppl"]),
-            "entropy": float(unigram_entropy(sequences).mean()), "texts": texts}
+    return {
+        "gen_ppl": float(ppl["gen_ppl"]),
+        "pooled_ppl": float(ppl["pooled_ppl"]),
+        "entropy": float(unigram_entropy(sequences).mean()),
+        "texts": texts,
+    }
 
 
 def run_sweep(args) -> tuple[list[SweepPoint], dict]:
@@ -98,23 +102,49 @@ def run_sweep(args) -> tuple[list[SweepPoint], dict]:
         model, tokenizer = _load(model_dir, device)
         name = _label(model_dir, args.names, i)
         reuse_modes = args.reuse if model.config.num_fp_layers else ["none"]
-        jobs = [(r, s, b, t) for r in reuse_modes for s in args.fp_schedule for b in args.budgets
-                for t in step_grid(model.config, b)]
+        jobs = [
+            (r, s, b, t)
+            for r in reuse_modes
+            for s in args.fp_schedule
+            for b in args.budgets
+            for t in step_grid(model.config, b)
+        ]
         for reuse, sched, budget, steps in tqdm(jobs, desc=name):
             key = f"{name}|{reuse}|{sched}|{budget}|{steps}|n{args.num_samples}|L{args.seq_len}|s{args.seed}"
             if key in done:
                 points.append(done[key])
                 continue
             t0 = time.perf_counter()
-            seqs, passes = generate_samples(model, args.num_samples, args.seq_len, args.batch_size, args.seed,
-                                            budget=budget, num_steps=steps, reuse=reuse, fp_schedule=sched,
-                                            sampler="ancestral", use_cache=True)
+            seqs, passes = generate_samples(
+                model,
+                args.num_samples,
+                args.seq_len,
+                args.batch_size,
+                args.seed,
+                budget=budget,
+                num_steps=steps,
+                reuse=reuse,
+                fp_schedule=sched,
+                sampler="ancestral",
+                use_cache=True,
+            )
             seconds = time.perf_counter() - t0
             scores = score(seqs, tokenizer, eval_lm, eval_tok)
             sample_file = f"samples/{key.replace('|', '_')}.jsonl"
             _write_jsonl(out / sample_file, scores.pop("texts"))
-            point = SweepPoint(name, reuse, sched, budget, steps, scores["gen_ppl"], scores["pooled_ppl"],
-                               scores["entropy"], passes, seconds, sample_file)
+            point = SweepPoint(
+                name,
+                reuse,
+                sched,
+                budget,
+                steps,
+                scores["gen_ppl"],
+                scores["pooled_ppl"],
+                scores["entropy"],
+                passes,
+                seconds,
+                sample_file,
+            )
             points.append(point)
             _append_jsonl(out / "points.jsonl", {"key": key, **asdict(point)})
     write_reports(points, out, lm_info, vars(args))
@@ -134,11 +164,18 @@ def best_per_budget(points: list[SweepPoint]) -> list[SweepPoint]:
 def markdown_table(points: list[SweepPoint], lm_info: dict) -> str:
     rows = best_per_budget(points)
     budgets = sorted({p.budget for p in rows})
-    lines = [f"Generative perplexity / unigram entropy; evaluation LM `{lm_info.get('name')}`"
-             + ("" if lm_info.get("comparable_to_published") else " (offline stand-in: NOT comparable with "
-                "published numbers)") + "; best step count per budget in brackets.", "",
-             "| model | reuse | schedule | " + " | ".join(f"B{b}" for b in budgets) + " |",
-             "|---|---|---|" + "---|" * len(budgets)]
+    lines = [
+        f"Generative perplexity / unigram entropy; evaluation LM `{lm_info.get('name')}`"
+        + (
+            ""
+            if lm_info.get("comparable_to_published")
+            else " (offline stand-in: NOT comparable with published numbers)"
+        )
+        + "; best step count per budget in brackets.",
+        "",
+        "| model | reuse | schedule | " + " | ".join(f"B{b}" for b in budgets) + " |",
+        "|---|---|---|" + "---|" * len(budgets),
+    ]
     configs = sorted({(p.model, p.reuse, p.fp_schedule) for p in rows})
     for cfg in configs:
         cells = []
@@ -162,8 +199,11 @@ def plot(points: list[SweepPoint], path: Path, title: str = "") -> Optional[Path
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for cfg in sorted({(p.model, p.reuse, p.fp_schedule) for p in rows}):
         pts = sorted((p for p in rows if (p.model, p.reuse, p.fp_schedule) == cfg), key=lambda p: p.budget)
-        label = cfg[0] if cfg[1] == "none" and len({q.reuse for q in rows if q.model == cfg[0]}) == 1 else \
-            f"{cfg[0]} ({cfg[1]}, {cfg[2]})"
+        label = (
+            cfg[0]
+            if cfg[1] == "none" and len({q.reuse for q in rows if q.model == cfg[0]}) == 1
+            else f"{cfg[0]} ({cfg[1]}, {cfg[2]})"
+        )
         ax1.plot([p.budget for p in pts], [p.gen_ppl for p in pts], marker="o", label=label)
         ax2.plot([p.budget for p in pts], [p.entropy for p in pts], marker="o", label=label)
     for ax, ylabel in ((ax1, "generative perplexity (lower is better)"), (ax2, "unigram entropy (nats)")):
@@ -183,8 +223,12 @@ def plot(points: list[SweepPoint], path: Path, title: str = "") -> Optional[Path
 
 
 def write_reports(points, out: Path, lm_info: dict, settings: dict) -> None:
-    payload = {"eval_lm": lm_info, "settings": {k: v for k, v in settings.items() if k != "func"},
-               "points": [asdict(p) for p in points], "best": [asdict(p) for p in best_per_budget(points)]}
+    payload = {
+        "eval_lm": lm_info,
+        "settings": {k: v for k, v in settings.items() if k != "func"},
+        "points": [asdict(p) for p in points],
+        "best": [asdict(p) for p in best_per_budget(points)],
+    }
     _atomic_text(out / "results.json", json.dumps(payload, indent=2))
     _atomic_text(out / "results.md", markdown_table(points, lm_info))
     plot(points, out / "quality_vs_budget.png", title=f"eval LM: {lm_info.get('name')}")
@@ -221,22 +265,36 @@ def _resume(out: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpmgm-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fpmgm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sw = sub.add_parser("sweep", help="generate and score samples over budgets, reuse modes and schedules")
     sw.add_argument("--model", nargs="+", required=True, help="save_pretrained folders (with tokenizer files)")
     sw.add_argument("--names", nargs="+", help="labels for the models (default: folder names)")
     sw.add_argument("--budgets", nargs="+", type=int, default=[96, 192, 384, 768], help="block-pass budgets")
-    sw.add_argument("--reuse", nargs="+", default=["none", "full", "3sr"], choices=["none", "full", "3sr"],
-                    help="warm-start modes for FP models (explicit stacks always use none)")
-    sw.add_argument("--fp-schedule", nargs="+", default=["decreasing"], choices=list(FP_SCHEDULES),
-                    help="iteration allocations across steps")
+    sw.add_argument(
+        "--reuse",
+        nargs="+",
+        default=["none", "full", "3sr"],
+        choices=["none", "full", "3sr"],
+        help="warm-start modes for FP models (explicit stacks always use none)",
+    )
+    sw.add_argument(
+        "--fp-schedule",
+        nargs="+",
+        default=["decreasing"],
+        choices=list(FP_SCHEDULES),
+        help="iteration allocations across steps",
+    )
     sw.add_argument("--num-samples", type=int, default=32, help="samples per point")
     sw.add_argument("--seq-len", type=int, default=128, help="sample length in tokens")
     sw.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
-    sw.add_argument("--eval-lm", default="gpt2-large",
-                    help="causal LM for generative perplexity (offline: falls back explicitly to SmolLM2)")
+    sw.add_argument(
+        "--eval-lm",
+        default="gpt2-large",
+        help="causal LM for generative perplexity (offline: falls back explicitly to SmolLM2)",
+    )
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every point)")
     sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     sw.add_argument("--out", default="outputs/sweep", help="output folder (re-runs resume from points.jsonl)")

@@ -147,7 +147,7 @@ class FPMGMGenerationConfig(GenerationConfig):
             v = getattr(self, name)
             if v is None and name in ("fp_tol", "guidance_scale", "top_p"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= low if strict else v < low):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > low if strict else v >= low):
                 _bad(name, v, f"a number {'>' if strict else '>='} {low}")
         for name in ("use_cache", "return_dict_in_generate", "output_history", "output_solver_trace"):
             if not isinstance(getattr(self, name), bool):
@@ -272,8 +272,9 @@ class FPMGMGenerationMixin:
     def _denoise(self, canvas, active, labels, t, fp_iters, init, cfg):
         """One network call on a subset of rows; returns (logits, model output). Runs the conditional and
         the null-class branch together when guidance is on."""
-        kwargs = dict(attention_mask=active.long(), fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0,
-                      fp_trace=cfg.output_solver_trace)
+        kwargs = dict(
+            attention_mask=active.long(), fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0, fp_trace=cfg.output_solver_trace
+        )
         timesteps = loglinear_sigma(torch.full((canvas.shape[0],), t, device=canvas.device), cfg.noise_eps)
         guided = cfg.guidance_scale is not None and labels is not None
         if not guided:
