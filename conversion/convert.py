@@ -5,11 +5,15 @@
         --steps 40000 --output outputs/fp-mdlm-owt
     python conversion/convert.py --mdlm path/to/mdlm.ckpt --map auto --dry-run --output outputs/fp-mdlm
 
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 conversion/convert.py ...   # 2 CPU processes
+
 Steps: import the MDLM checkpoint (EMA weights by default) -> choose layers (`--map`, or `auto` from the
 layer CKA) -> build the FP-MDLM -> verify (teacher vs converted validation NELBO on a small batch, one
-decoded sample) -> optionally fine-tune against the frozen MDLM (`fpmgm_hf.distill.finetune`) -> save with
-`save_pretrained` (code files + auto_map, generation_config.json) plus the tokenizer and a
-`conversion.json` report. Only the main process writes, into `OUTPUT.tmp-*`, renamed into place at the end.
+decoded sample) -> optionally fine-tune against the frozen MDLM (`fpmgm_hf.distill.finetune`, i.e. the
+`fpmgm_hf.train.Trainer` loop: checkpoints in `--work-dir`, `--resume latest`, JSONL log, validation, early
+stop; optional consistency term / stage and LoRA) -> save with `save_pretrained` (code files + auto_map,
+generation_config.json) plus the tokenizer, a README.md model card and a `conversion.json` report -> optionally
+push the folder to the Hub. Only the main process writes, into `OUTPUT.tmp-*`, renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -83,7 +88,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=1.5, help="distillation temperature")
     p.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.30), metavar=("LO", "HI"),
                    help="range of the noise-level gap t_s - t_c between student and teacher")
-    p.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="print the training record every N steps (every step goes to WORK_DIR/<stage>/log.jsonl)")
+    p.add_argument("--val-blocks", type=int, default=8,
+                   help="first --data blocks held out for the validation NELBO/PPL of --eval-every (together "
+                        "with the verification blocks, never trained on)")
+    p.add_argument("--max-train-blocks", type=int, default=None,
+                   help="cap on the training blocks read from --data (they are held in memory as one tensor)")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N optimizer steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per process per evaluation")
+    p.add_argument("--save-every", type=int, default=1000,
+                   help="save a resumable checkpoint (accelerator.save_state) every N steps and at the end of a stage "
+                        "(0 = never)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder of the logs and checkpoints (default: OUTPUT.work next to --output)")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (newest checkpoint in --work-dir; starts from scratch when there is none) or a "
+                        "checkpoint folder WORK_DIR/<stage>/checkpoints/step_N: continue an interrupted conversion")
+    p.add_argument("--consistency-weight", type=float, default=0.0,
+                   help="target lambda of the CoFRe hidden-state consistency loss (0 = off); the output is set up "
+                        "for 3SR reuse")
+    p.add_argument("--consistency-warmup", type=int, default=5000, help="steps of the linear lambda ramp 0 -> target")
+    p.add_argument("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), metavar=("LO", "HI"),
+                   help="range of the teacher time gap of the consistency loss")
+    p.add_argument("--consistency-steps", type=int, default=0,
+                   help="0: add the consistency term to the distillation loss; N > 0: a following consistency "
+                        "stage of N steps (fpmgm_hf.train's CoFRe loss) after the --steps distillation steps")
+    p.add_argument("--stop-ppl-rise", type=float, default=0.15,
+                   help="with consistency: stop at the first eval whose val PPL exceeds the pre-stage value by this "
+                        "fraction")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank on the blocks' Linear layers (+ the full injection) "
+                        "instead of all weights; merged before saving (needs peft)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x --lora-r)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the finished output folder to this Hub repo (main process, after the save)")
+    p.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    p.add_argument("--revision", default=None, help="branch of the --push-to-hub repo (created if missing)")
     p.add_argument("--cka-batch", type=int, default=4, help="blocks used by --map auto to compute the layer CKA")
     p.add_argument("--seed", type=int, default=0, help="seed of the injection init, masks and sampling")
     return p
@@ -178,15 +220,6 @@ def token_blocks(texts, tokenizer, seq_len: int):
             yield torch.tensor(([bos] + chunk + [eos]) if wrap else chunk, dtype=torch.long)
 
 
-def batched(blocks, batch_size: int):
-    """Stack consecutive blocks into `(batch_size, seq_len)` batches; stops when the blocks run out."""
-    while True:
-        rows = list(itertools.islice(blocks, batch_size))
-        if len(rows) < batch_size:
-            return
-        yield torch.stack(rows)
-
-
 def verification_batch(args, tokenizer, seq_len: int) -> torch.Tensor:
     """`(verify_batch, length)` clean tokens: with --data its first blocks (never trained on), else the
     built-in paragraph repeated."""
@@ -203,20 +236,18 @@ def verification_batch(args, tokenizer, seq_len: int) -> torch.Tensor:
     return flat.view(args.verify_batch, length)
 
 
-def training_blocks(args, tokenizer, seq_len: int, rank: int = 0, world: int = 1):
-    """Endless training blocks: epochs over --data, skipping the blocks held out for verification when
-    they have the same length, and keeping every `world`-th block from offset `rank` (this process's shard)."""
-    skip = args.verify_batch if (args.verify_length or seq_len) == seq_len else 0
-    epoch_blocks = 0
-    while True:
-        blocks = itertools.islice(token_blocks(_texts(args.data, args.text_field), tokenizer, seq_len), skip, None)
-        count = 0
-        for block in itertools.islice(blocks, rank, None, world):
-            count += 1
-            yield block
-        if count == 0 and epoch_blocks == 0:
-            raise ValueError(f"--data {args.data!r} yields no training blocks of {seq_len} tokens for this process.")
-        epoch_blocks += count
+def split_data(args, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(train, val)` blocks of `seq_len` tokens from --data, in memory (the Trainer's deterministic sampler
+    draws batches by index, which makes `--resume` exact). The first max(--val-blocks, verification blocks)
+    blocks are held out; validation is the first --val-blocks of them."""
+    held = max(args.val_blocks, args.verify_batch if (args.verify_length or seq_len) == seq_len else 0)
+    limit = None if args.max_train_blocks is None else held + args.max_train_blocks
+    rows = list(itertools.islice(token_blocks(_texts(args.data, args.text_field), tokenizer, seq_len), limit))
+    if len(rows) <= held:
+        raise ValueError(f"--data {args.data!r} yields {len(rows)} blocks of {seq_len} tokens, not more than the "
+                         f"{held} held out for validation.")
+    blocks = torch.stack(rows)
+    return blocks[held:], blocks[: args.val_blocks]
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -261,13 +292,56 @@ def verify(state, teacher, student, x0, tokenizer, args) -> dict:
     return report
 
 
-def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report: dict, cka=None) -> None:
+def base_model_name(source: str) -> str:
+    """The card's `base_model`: a Hub repo id as given, else the checkpoint's file / folder name."""
+    if os.path.exists(source):
+        path = Path(source)
+        return path.stem if path.is_file() else path.resolve().name
+    return source
+
+
+def results_table(report: dict) -> str:
+    """Markdown table of the verification NELBO / PPL (teacher vs converted, before / after fine-tuning)."""
+    import math
+
+    rows = [("MDLM teacher", report["verify_before"]["teacher_nelbo"]),
+            ("converted, 1 iteration, before fine-tuning", report["verify_before"]["converted_nelbo_1iter"]),
+            ("converted, before fine-tuning", report["verify_before"]["converted_nelbo"])]
+    if "verify_after" in report:
+        rows += [("converted, 1 iteration, after fine-tuning", report["verify_after"]["converted_nelbo_1iter"]),
+                 ("converted, after fine-tuning", report["verify_after"]["converted_nelbo"])]
+    shape = report.get("verify_shape")
+    lines = [f"Validation NELBO (nats/token) and its PPL = exp(NELBO) on the conversion's held-out verification "
+             f"batch ({shape[0]} blocks x {shape[1]} tokens, {report.get('verify_repeats')} mask draws, the same "
+             f"t's and masks for every model; an upper bound on the NLL, not MDLM's published perplexity).",
+             "", "| model | NELBO | PPL |", "|---|---|---|"]
+    lines += [f"| {name} | {v:.4f} | {math.exp(min(v, 700.0)):.2f} |" for name, v in rows]
+    return "\n".join(lines)
+
+
+def model_card(student, report: dict, repo_id: Optional[str], revision: Optional[str], output: Path):
+    from fpmgm_hf.hub import render_model_card
+
+    settings = {"source": report["source"], "weights": "EMA" if report["ema"] else "raw",
+                "layer mapping": ",".join(map(str, report["mapping"])), "layers (pre/fp/post)":
+                "/".join(map(str, report["layers"])), "injection": report["injection"]}
+    for key, value in report.get("training", {}).items():
+        settings[f"fine-tuning {key}"] = value
+    return render_model_card(student, kind="text", repo_id=repo_id or output.name, revision=revision or "main",
+                             base_model=base_model_name(report["source"]), settings=settings,
+                             results=results_table(report))
+
+
+def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report: dict, cka=None,
+                card=None) -> None:
     """Main process only: write into OUTPUT.tmp-<id>, then move it into place (replacing on --overwrite)."""
     if state.is_main_process:
         tmp = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             student.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            if card is not None:
+                card.save(str(tmp / "README.md"))
             if cka is not None:
                 from fpmgm_hf.mdlm_import import save_cka_png
 
@@ -292,17 +366,32 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from fpmgm_hf.mdlm_import import load_mdlm_checkpoint, map_layers
 
-    state = PartialState()
+    # Like Accelerator: ACCELERATE_USE_CPU=1 (e.g. under torchrun on CPU) must give a multi-CPU state here too,
+    # otherwise every process would see itself as the main process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"output {output} exists; pass --overwrite to replace it.")
     num_pre, num_fp, num_post = parse_layers(args.layers)
-    train = not args.dry_run and args.steps > 0
+    train = not args.dry_run and (args.steps > 0 or args.consistency_steps > 0)
+    if args.consistency_steps > 0 and args.consistency_weight <= 0:
+        raise ValueError("--consistency-steps needs --consistency-weight > 0.")
+    if args.resume and not train:
+        raise ValueError("--resume continues fine-tuning; it cannot be combined with --dry-run / --steps 0.")
     if train and not args.data:
         raise ValueError("fine-tuning needs --data (e.g. openwebtext); use --dry-run to convert without training.")
+    work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".work")
+    if train and not args.resume and work.exists() and any(work.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(f"work folder {work} holds an earlier run's logs/checkpoints; pass --resume latest "
+                                  f"to continue it or --overwrite to start over.")
+        if state.is_main_process:
+            shutil.rmtree(work)
+        state.wait_for_everyone()
     t0 = time.time()
 
     teacher = load_mdlm_checkpoint(args.mdlm, ema=args.ema).to(state.device)
@@ -330,6 +419,7 @@ def main(argv=None) -> int:
 
     report = {"source": args.mdlm, "ema": args.ema, "mapping": mapping, "layers": [num_pre, num_fp, num_post],
               "injection": args.injection, "tokenizer": args.tokenizer, "seed": args.seed,
+              "verify_shape": list(x_val.shape), "verify_repeats": args.verify_repeats,
               "verify_before": verify(state, teacher, student, x_val, tokenizer, args)}
     if train:
         from accelerate import Accelerator
@@ -338,19 +428,37 @@ def main(argv=None) -> int:
 
         accum = {} if args.grad_accum is None else {"gradient_accumulation_steps": args.grad_accum}
         accelerator = Accelerator(**accum)
-        blocks = training_blocks(args, tokenizer, seq_len, state.process_index, state.num_processes)
-        batches = batched(blocks, args.batch_size)
-        student = finetune(student, teacher, batches, steps=args.steps, lr=args.lr, clip=args.clip,
-                           kl_weight=args.kl_weight, kl_warmup=args.kl_warmup, tau=args.tau, gap=tuple(args.gap),
-                           seed=args.seed, accelerator=accelerator, log_every=args.log_every,
-                           log=lambda m: _say(state, f"[train] {m}"))
-        keys = ("steps", "batch_size", "lr", "clip", "kl_weight", "kl_warmup", "tau", "gap", "data")
+        train_blocks, val_blocks = split_data(args, tokenizer, seq_len)
+        _say(state, f"[train] {train_blocks.shape[0]} training / {val_blocks.shape[0]} validation blocks of "
+                    f"{seq_len} tokens; logs and checkpoints in {work}")
+        student, summary = finetune(
+            student, teacher, tokenizer, train_blocks, val_blocks, work_dir=str(work), steps=args.steps,
+            consistency_steps=args.consistency_steps, batch_size=args.batch_size, accelerator=accelerator,
+            lr=args.lr, warmup_steps=args.warmup_steps, clip=args.clip, kl_weight=args.kl_weight,
+            kl_warmup=args.kl_warmup, tau=args.tau, gap=tuple(args.gap), consistency_weight=args.consistency_weight,
+            consistency_warmup=args.consistency_warmup, consistency_gap=tuple(args.consistency_gap),
+            stop_ppl_rise=args.stop_ppl_rise, eval_every=args.eval_every, eval_batches=args.eval_batches,
+            save_every=args.save_every, seed=args.seed, resume=args.resume, lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha, log_every=args.log_every, log=lambda m: _say(state, f"[train] {m}"))
+        keys = ("steps", "batch_size", "lr", "warmup_steps", "clip", "kl_weight", "kl_warmup", "tau", "gap", "data",
+                "consistency_weight", "consistency_warmup", "consistency_steps", "stop_ppl_rise", "lora_r")
         report["training"] = {k: getattr(args, k) for k in keys}
-        report["training"]["processes"] = state.num_processes
-        report["training"]["grad_accum"] = accelerator.gradient_accumulation_steps
+        report["training"].update(processes=state.num_processes, grad_accum=accelerator.gradient_accumulation_steps,
+                                  train_blocks=int(train_blocks.shape[0]), seq_len=seq_len, work_dir=str(work))
+        report["finetune"] = summary
+        student = student.to(state.device)
         report["verify_after"] = verify(state, teacher, student, x_val, tokenizer, args)
-    save_atomic(state, student.cpu(), tokenizer, output, args.overwrite, report, cka)
+    if args.consistency_weight > 0 and train:
+        student.generation_config.reuse = "3sr"  # consistency-trained: ready for three-state reuse
+    card = model_card(student.cpu(), report, args.push_to_hub, args.revision, output)
+    save_atomic(state, student.cpu(), tokenizer, output, args.overwrite, report, cka, card)
     _say(state, f"[save] {output} ({time.time() - t0:.1f}s total)")
+    if args.push_to_hub and state.is_main_process:
+        from fpmgm_hf.hub import push_folder
+
+        url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+        _say(state, f"[push] {args.push_to_hub}: {url}")
+    state.wait_for_everyone()
     return 0
 
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from remote_helpers import run_isolated
 from safetensors.torch import save_file
 
 from fpmgm_hf.mdlm_import import (
@@ -421,34 +418,19 @@ def _convert_module():
     return module
 
 
-_LOADER = textwrap.dedent(
-    """
-    import importlib.abc, sys
+_LOADER = """
+import json, sys
+import torch
+from transformers import AutoModel
 
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "fpmgm_hf" or name.startswith("fpmgm_hf."):
-                raise ImportError("fpmgm_hf is blocked in this subprocess")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import AutoModel
-    try:
-        import fpmgm_hf  # noqa: F401
-        raise SystemExit("fpmgm_hf import was not blocked")
-    except ImportError:
-        pass
-    folder, ids_file, out_file = sys.argv[1:4]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    assert "fpmgm_hf" not in type(model).__module__, type(model).__module__
-    assert not any(m == "fpmgm_hf" or m.startswith("fpmgm_hf.") for m in sys.modules)
-    ids = torch.load(ids_file)
-    with torch.no_grad():
-        torch.save(model(ids, return_dict=True).logits, out_file)
-    print(type(model).__module__)
-    """
-)
+model = AutoModel.from_pretrained({folder!r}, trust_remote_code=True, dtype=torch.float32).eval()
+assert "fpmgm_hf" not in type(model).__module__, type(model).__module__
+assert not any(m == "fpmgm_hf" or m.startswith("fpmgm_hf.") for m in sys.modules)
+ids = torch.load({ids!r})
+with torch.no_grad():
+    torch.save(model(ids, return_dict=True).logits, {logits!r})
+print(json.dumps({{"module": type(model).__module__}}))
+"""
 
 
 def test_dry_run_folder_loads_as_remote_code_without_fpmgm_hf(ckpts, tmp_path):
@@ -477,14 +459,9 @@ def test_dry_run_folder_loads_as_remote_code_without_fpmgm_hf(ckpts, tmp_path):
     with torch.no_grad():
         expected = local(ids, return_dict=True).logits
     torch.save(ids, tmp_path / "ids.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    script = tmp_path / "load_remote.py"
-    script.write_text(_LOADER)
-    cmd = [sys.executable, str(script), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "transformers_modules" in proc.stdout
+    result = run_isolated(_LOADER.format(folder=str(out), ids=str(tmp_path / "ids.pt"),
+                                         logits=str(tmp_path / "logits.pt")), tmp_path, timeout=120)
+    assert "transformers_modules" in result["module"]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
     # An existing output is refused unless --overwrite.
@@ -565,3 +542,17 @@ def test_convert_with_short_finetuning(ckpts, tmp_path):
     assert report["training"]["steps"] == 3 and "verify_after" in report
     assert len(report["mapping"]) == 3 and (out / "cka.pt").is_file()
     assert math.isfinite(report["verify_after"]["converted_nelbo"])
+
+
+def test_own_explicit_stack_folder_is_a_teacher(tmp_path):
+    from conftest import tiny_model
+
+    teacher = tiny_model(num_pre_layers=3, num_fp_layers=0, num_post_layers=0)
+    teacher.save_pretrained(tmp_path / "mdlm")
+    loaded = load_mdlm_checkpoint(tmp_path / "mdlm")
+    x = torch.randint(0, 39, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, teacher(x).logits)
+    tiny_model().save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match="explicit stack"):
+        load_mdlm_checkpoint(tmp_path / "fp")

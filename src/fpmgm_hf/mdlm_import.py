@@ -419,7 +419,8 @@ def load_mdlm_checkpoint(
     Args:
         path_or_repo_id: a Hub-format folder (`config.json` with MDLM fields + `*.safetensors` with the
             `backbone.*` tensors), a Hub repo id (downloaded with `huggingface_hub.snapshot_download`), a
-            single `.safetensors` file, or a Lightning `.ckpt`.
+            single `.safetensors` file, a Lightning `.ckpt`, or an fpmgm_hf `save_pretrained` folder of an
+            explicit stack (`num_fp_layers=0`, e.g. an MDLM trained with `fpmgm-train`).
         ema: for a `.ckpt`, use the EMA weights `ckpt['ema']['shadow_params']` (the ones MDLM evaluates
             with; default) instead of `ckpt['state_dict']`. Hub weights are a single set and ignore it.
         config_overrides: [`FPMGMConfig`] fields overriding the checkpoint's config (a `.ckpt` without
@@ -430,6 +431,9 @@ def load_mdlm_checkpoint(
         MDLMCheckpointError (a ValueError): unreadable file, failed download, or missing / unexpected /
             shape-mismatched keys (all listed), or a rotary buffer this model cannot reproduce.
     """
+    own = _own_stack(path_or_repo_id)
+    if own is not None:
+        return own
     cfg_dict, sd = read_mdlm_checkpoint(path_or_repo_id, ema=ema)
     inferred = _infer_config_fields(sd)
     if cfg_dict:
@@ -441,6 +445,21 @@ def load_mdlm_checkpoint(
     model = FPMGMForMaskedGeneration(config)
     _load_strict(model, mapped, str(path_or_repo_id), unmapped)
     model.config.name_or_path = str(path_or_repo_id)
+    return model.eval()
+
+
+def _own_stack(path) -> Optional[FPMGMForMaskedGeneration]:
+    """An fpmgm_hf folder (model_type "fpmgm") holding an explicit stack, loaded as is; None otherwise."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("model_type") != "fpmgm":
+        return None
+    model = FPMGMForMaskedGeneration.from_pretrained(path, dtype=torch.float32)
+    if model.config.num_fp_layers or model.config.num_post_layers:
+        raise MDLMCheckpointError(
+            f"{path} is an fpmgm_hf model with layers {model.config.num_pre_layers}/{model.config.num_fp_layers}/"
+            f"{model.config.num_post_layers}; a conversion teacher must be an explicit stack (N/0/0)."
+        )
+    model.config.name_or_path = str(path)
     return model.eval()
 
 

@@ -183,6 +183,7 @@ class Trainer:
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         is_fp = model.config.num_fp_layers > 0
         self.lr = args.lr if args.lr is not None else (2e-4 if is_fp else 3e-4)
+        model.train()  # e.g. a `from_pretrained` model is in eval mode; a resumed run must train like the original
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, opt)
