@@ -33,18 +33,20 @@ def build(args, **layers):
     return FPMGMForMaskedGeneration(config).eval()
 
 
-def timed(model, args, repeats, **kw):
-    """Median seconds of one generate call, and its output."""
-    times, out = [], None
-    for r in range(repeats + 1):  # the first call warms up
-        g = torch.Generator().manual_seed(r)
-        t0 = time.perf_counter()
-        out = model.generate(
-            batch_size=args.batch, seq_len=args.length, generator=g, return_dict_in_generate=True, **kw
-        )
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def timed_pair(models, args, repeats, kwargs):
+    """Median seconds of one generate call per model, calls interleaved (A, B, A, B, ...) so that a change
+    in machine load hits both alike; the first round warms up. Returns (times, outputs)."""
+    times, outs = [[] for _ in models], [None] * len(models)
+    for r in range(repeats + 1):
+        for i, (model, kw) in enumerate(zip(models, kwargs, strict=True)):
+            g = torch.Generator().manual_seed(r)
+            t0 = time.perf_counter()
+            outs[i] = model.generate(
+                batch_size=args.batch, seq_len=args.length, generator=g, return_dict_in_generate=True, **kw
+            )
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) if t else float("nan") for t in times], outs
 
 
 def main():
@@ -57,11 +59,17 @@ def main():
     p.add_argument("--budgets", type=int, nargs="+", default=[96], help="block-pass budgets")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument(
+        "--injection",
+        default="concat_mlp",
+        choices=["concat_mlp", "add", "none"],
+        help="FP-MDLM input injection (concat_mlp adds 4*D^2 multiply-adds per token and iteration)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     mdlm = build(args, num_pre_layers=12, num_fp_layers=0, num_post_layers=0)
-    fp = build(args, num_pre_layers=1, num_fp_layers=1, num_post_layers=1)
+    fp = build(args, num_pre_layers=1, num_fp_layers=1, num_post_layers=1, injection=args.injection)
     print(
         f"width {args.hidden}, length {args.length}, batch {args.batch}, vocab {args.vocab}, "
         f"torch threads {torch.get_num_threads()}"
@@ -71,8 +79,7 @@ def main():
     for budget in args.budgets:
         steps = budget // 12
         common = dict(budget=budget, num_steps=steps, sampler="ancestral", use_cache=False)
-        t_m, o_m = timed(mdlm, args, args.repeats, **common)
-        t_f, o_f = timed(fp, args, args.repeats, reuse="3sr", **common)
+        (t_m, t_f), (o_m, o_f) = timed_pair([mdlm, fp], args, args.repeats, [common, dict(common, reuse="3sr")])
         per_m = t_m / o_m.block_passes.float().mean().item()
         per_f = t_f / o_f.block_passes.float().mean().item()
         print(
@@ -87,7 +94,7 @@ def main():
         ("FP-MDLM, cache on", fp, dict(budget=budget, num_steps=budget // 12, use_cache=True)),
         ("FP-MDLM, cache on, fp_tol=1e-2", fp, dict(budget=budget, num_steps=budget // 12, fp_tol=1e-2)),
     ]:
-        _, out = timed(model, args, 1, **kw)
+        _, (out,) = timed_pair([model], args, 0, [kw])
         used = out.block_passes.float().mean().item()
         print(
             f"  {name:32s} {used:7.1f} of {kw['budget']} ({100 * (1 - used / kw['budget']):.1f}% saved), "
