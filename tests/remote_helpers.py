@@ -26,8 +26,10 @@ BLOCKER = textwrap.dedent(
 
 def run_isolated(code: str, tmp_path, timeout: int = 300) -> dict:
     """Run `code` (which must print one JSON line last) with fpmgm_hf blocked and the Hub offline."""
+    # One thread, like the test process (conftest): "identical logits" then means bit-identical.
     env = dict(
         os.environ,
+        OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         HF_MODULES_CACHE=str(tmp_path / "modules"),

@@ -229,6 +229,7 @@ def test_save_load_round_trip(tmp_path):
         "solver_fpmgm.py",
         "generation_fpmgm.py",
         "scheduling_fpmgm.py",
+        "validation_fpmgm.py",
         "model.safetensors",
         "generation_config.json",
     ):

@@ -199,8 +199,12 @@ def test_consistency_loss_matches_independent_computation():
         h_c = model(z_c, timesteps=loglinear_sigma(t_c, EPS)).hidden_states
     model.train()
     task = (reference_nll(out.logits, x0, student) / t_s.double()[:, None]).sum() / x0.numel()
-    per_pos = ((out.hidden_states - h_c) ** 2).sum(-1)
-    cons = per_pos[student].mean()
+    def standardise(h):  # LayerNorm without weights, written out
+        h = h.double()
+        return (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+
+    per_pos = ((standardise(out.hidden_states) - standardise(h_c)) ** 2).mean(-1)
+    cons = per_pos[student].mean().float()
     expected = task.float() + w * cons
 
     assert aux["consistency"] > 1e-4, "hidden states must differ for this test to mean anything"

@@ -1,37 +1,37 @@
 """Configuration of Fixed-Point Masked Generative Models (FP-MGM).
 
-Hub-portable: imports only the standard library and transformers.
+Hub-portable: imports only the standard library, transformers and sibling files.
 """
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
+
+from .validation_fpmgm import check_float, check_int, check_range, fail
 
 INJECTIONS = ("concat_mlp", "add", "none")
 SOLVERS = ("picard", "anderson")
 POSITION_ENCODINGS = ("rope_1d", "rope_2d")
 
+_OWNER = "FPMGMConfig"
+
 
 def _fail(field, value, allowed):
-    raise ValueError(f"FPMGMConfig: `{field}`={value!r} is invalid; allowed: {allowed}.")
+    fail(_OWNER, field, value, allowed)
 
 
 def _check_int(field, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
-        _fail(field, value, allowed)
+    check_int(_OWNER, field, value, low, high)
+
+
+def _check_float(field, value, low, high, low_open=False, high_open=False):
+    check_float(_OWNER, field, value, low, high, low_open, high_open)
 
 
 def _check_range(field, value, low):
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-        or value[0] < low
-        or value[0] > value[1]
-    ):
-        _fail(field, value, f"a pair (lo, hi) of integers with {low} <= lo <= hi")
-    return (int(value[0]), int(value[1]))
+    return check_range(_OWNER, field, value, low)
 
 
 class FPMGMConfig(PretrainedConfig):
@@ -158,8 +158,7 @@ class FPMGMConfig(PretrainedConfig):
         _check_int("mlp_ratio", self.mlp_ratio, 1)
         _check_int("cond_dim", self.cond_dim, 1)
         _check_int("max_position_embeddings", self.max_position_embeddings, 1)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            _fail("dropout", self.dropout, "a float in [0, 1)")
+        _check_float("dropout", self.dropout, 0, 1, high_open=True)
         if not isinstance(self.time_conditioning, bool):
             _fail("time_conditioning", self.time_conditioning, "True or False")
         _check_int("num_classes", self.num_classes, 0)
@@ -174,34 +173,17 @@ class FPMGMConfig(PretrainedConfig):
         if self.fp_solver not in SOLVERS:
             _fail("fp_solver", self.fp_solver, list(SOLVERS))
         _check_int("fp_max_iter", self.fp_max_iter, 1)
-        if self.fp_tol is not None and (
-            isinstance(self.fp_tol, bool) or not isinstance(self.fp_tol, (int, float)) or not self.fp_tol > 0
-        ):
-            _fail("fp_tol", self.fp_tol, "None or a float > 0")
+        if self.fp_tol is not None:
+            _check_float("fp_tol", self.fp_tol, 0, math.inf, low_open=True, high_open=True)
         self.fp_train_nograd_iters = _check_range("fp_train_nograd_iters", self.fp_train_nograd_iters, 0)
         self.fp_train_grad_iters = _check_range("fp_train_grad_iters", self.fp_train_grad_iters, 1)
         _check_int("anderson_memory", self.anderson_memory, 1)
-        if (
-            isinstance(self.anderson_beta, bool)
-            or not isinstance(self.anderson_beta, (int, float))
-            or not 0 < self.anderson_beta <= 1
-        ):
-            _fail("anderson_beta", self.anderson_beta, "a float in (0, 1]")
-        if (
-            isinstance(self.anderson_lam, bool)
-            or not isinstance(self.anderson_lam, (int, float))
-            or not self.anderson_lam >= 0
-        ):
-            _fail("anderson_lam", self.anderson_lam, "a float >= 0")
+        _check_float("anderson_beta", self.anderson_beta, 0, 1, low_open=True)
+        _check_float("anderson_lam", self.anderson_lam, 0, math.inf, high_open=True)
         if self.position_encoding not in POSITION_ENCODINGS:
             _fail("position_encoding", self.position_encoding, list(POSITION_ENCODINGS))
         self._validate_grid()
-        if (
-            isinstance(self.initializer_range, bool)
-            or not isinstance(self.initializer_range, (int, float))
-            or not self.initializer_range > 0
-        ):
-            _fail("initializer_range", self.initializer_range, "a float > 0")
+        _check_float("initializer_range", self.initializer_range, 0, math.inf, low_open=True, high_open=True)
 
     def _validate_grid(self):
         if self.grid_size is None:

@@ -1,30 +1,27 @@
 """Configuration of the small VQ-VAE image tokenizer used by FP-MaskGIT (MNIST / Fashion-MNIST).
 
-Hub-portable: imports only the standard library and transformers.
+Hub-portable: imports only the standard library, transformers and sibling files.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .validation_fpmgm import check_float, check_int, fail
+
+_OWNER = "VQVAEConfig"
+
 
 def _fail(field, value, allowed):
-    raise ValueError(f"VQVAEConfig: `{field}`={value!r} is invalid; allowed: {allowed}.")
+    fail(_OWNER, field, value, allowed)
 
 
 def _check_int(field, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
-        _fail(field, value, allowed)
+    check_int(_OWNER, field, value, low, high)
 
 
 def _check_float(field, value, low, high, low_open=False, high_open=False):
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if not bad:
-        bad = (value <= low if low_open else value < low) or (value >= high if high_open else value > high)
-    if bad:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        _fail(field, value, f"a float in {interval}")
+    check_float(_OWNER, field, value, low, high, low_open, high_open)
 
 
 class VQVAEConfig(PretrainedConfig):

@@ -110,9 +110,9 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
     tokens). The student runs in its current mode (S-JFB when training); the teacher runs without a graph
     in eval mode. Only the student-masked rows of the (B, L, V) logits are turned into distributions,
     which keeps the vocabulary-sized float32 temporaries to the masked tokens.
-    With `consistency_weight > 0` the CoFRe term is added: `consistency_weight * ||h_s - sg(h_c)||^2` (summed
-    over the hidden size, averaged over student-masked positions), h_s the student's final hidden states on
-    z_s and h_c the student's own (eval mode, no graph) on the teacher's cleaner canvas z_c.
+    With `consistency_weight > 0` the CoFRe term `consistency_weight * objectives.hidden_consistency(h_s, h_c)`
+    is added (averaged over student-masked positions), h_s the student's final hidden states on z_s and h_c
+    the student's own (eval mode, no graph) on the teacher's cleaner canvas z_c.
     Returns `(loss, aux)` with the detached `nelbo`, `kl` (and `consistency`, also computed at weight 0 with
     `return_consistency`) and the two times.
     """
@@ -143,8 +143,9 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
                 h_c = own(z_c, timesteps=_sigma(t_c, eps), return_dict=True).hidden_states.detach()
         finally:
             own.train(was_training)
-        sq = (s_out.hidden_states.float() - h_c.float()).pow(2).sum(-1)
-        cons = (sq * rows.float()).sum() / rows.float().sum().clamp_min(1.0)
+        from .objectives import hidden_consistency
+
+        cons = hidden_consistency(s_out.hidden_states, h_c, rows)
         loss = loss + consistency_weight * cons
         aux["consistency"] = cons.detach()
     return loss, aux
