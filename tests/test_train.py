@@ -200,6 +200,25 @@ def test_two_process_smoke(assets, tmp_path):
     assert os.path.isfile(out / "final" / "config.json")
 
 
+def test_two_processes_follow_the_single_process_curve(assets, tmp_path):
+    """Same global batch (2 x 4 blocks vs 1 x 8; the sampler hands both runs the same blocks), different
+    noise draws per rank: validation NELBO along the run must agree within a loose tolerance."""
+    common = {"--max-steps": 16, "--eval-every": 8, "--save-every": 0, "--lr": "3e-3", "--eval-batches": 0}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(base_args(assets, one, **common, **{"--batch-size": 8}))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fpmgm_hf.train", *base_args(assets, two, **common, **{"--batch-size": 4})]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = lambda out: {r["step"]: r["val_nelbo"] for r in read_log(out) if "val_nelbo" in r}  # noqa: E731
+    a, b = val(one), val(two)
+    assert sorted(a) == sorted(b) == [0, 8, 16]
+    assert a[16] < a[0] - 0.1 and b[16] < b[0] - 0.1, (a, b)  # both learn
+    for step in (8, 16):
+        assert abs(a[step] - b[step]) < 0.1 * a[step], (step, a[step], b[step])
+
+
 # --------------------------------------------------------------------------------------------- slow
 
 
