@@ -152,7 +152,7 @@ def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int):
     from transformers import AutoTokenizer
 
     if os.path.isdir(name_or_path):
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)  # may be a model folder
     else:
         try:
             from fpmgm_hf.assets import load_tokenizer as shared

@@ -95,7 +95,7 @@ RELOAD = textwrap.dedent(
     sys.meta_path.insert(0, _Block())
     from transformers import AutoModel, AutoTokenizer
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
     seq = model.generate(batch_size=1, seq_len=48, budget=48, generator=torch.Generator().manual_seed(0))
     print(json.dumps({"class": type(model).__module__, "sample": tok.decode(seq[0])}))
     """

@@ -29,7 +29,7 @@ def load_training_tokenizer(name_or_path: Optional[str] = None):
     if name_or_path and os.path.isdir(name_or_path):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)  # may be a model folder
         if tokenizer.mask_token_id is None:
             tokenizer.add_special_tokens({"mask_token": "[MASK]"})
     else:

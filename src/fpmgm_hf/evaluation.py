@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ def _load(model_dir: str, device):
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # the folder maps FPMGMConfig
     return model, tokenizer
 
 
@@ -130,7 +131,7 @@ def run_sweep(args) -> tuple[list[SweepPoint], dict]:
             )
             seconds = time.perf_counter() - t0
             scores = score(seqs, tokenizer, eval_lm, eval_tok)
-            sample_file = f"samples/{key.replace('|', '_')}.jsonl"
+            sample_file = "samples/" + re.sub(r"[^A-Za-z0-9.+=-]+", "_", key) + ".jsonl"
             _write_jsonl(out / sample_file, scores.pop("texts"))
             point = SweepPoint(
                 name,

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fpmgm-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    a("--modality", choices=["text", "image"], default="text",
+      help="'image' trains class-conditional FP-MaskGIT on VQ token grids (see fpmgm_hf.image_train).")
     a("--data", required=True,
       help="'shakespeare', 'kjv', comma-separated local .txt/.jsonl files, or a Hub dataset name.")
     a("--text-field", default="text", help="Field holding the text in JSON(L) files and Hub datasets.")
@@ -432,10 +435,22 @@ def export(trainer: Trainer) -> str:
     return path
 
 
+def _modality(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--modality", default="text")
+    return parser.parse_known_args(argv)[0].modality
+
+
 def main(argv: Optional[list[str]] = None) -> str:
-    """Entry point of `fpmgm-train`; returns the exported model folder."""
+    """Entry point of `fpmgm-train`; returns the exported model folder. `--modality image` hands the
+    arguments to `fpmgm_hf.image_train` (class-conditional FP-MaskGIT on VQ token grids)."""
     from accelerate import Accelerator
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _modality(argv) == "image":
+        from .image_train import main as image_main
+
+        return image_main(argv)
     args = build_parser().parse_args(argv)
     _check_args(args)
     acc_kwargs = {"gradient_accumulation_steps": args.grad_accum, "cpu": args.cpu}
