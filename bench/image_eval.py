@@ -142,7 +142,7 @@ def write_results(args, trains: dict, fids: dict, gen_secs: dict, floor, n: int,
              f"Training: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, warm-up {args.warmup}, "
              f"one CPU thread (shared 2-core machine); CoFRe: {args.cofre_steps} further steps from the FP-MaskGIT "
              f"export, consistency weight {args.cofre_weight} (ramped over the first quarter; distance "
-             f"between layer-normalised hidden states, `--consistency-space normalized`), lr {args.lr / 2}. "
+             f"between layer-normalised hidden states, `objectives.hidden_consistency`), lr {args.lr / 2}. "
              f"Sampling: confidence sampler, Halton order, 3SR, CFG scale {args.guidance}, randomness 1.0, "
              f"class-balanced labels. Budget = transformer-block passes per sample (the CFG null branch is "
              f"not counted).", "",

@@ -266,11 +266,10 @@ def test_training_lowers_loss_and_exports_with_vq(assets, tmp_path):
     assert ids.shape == (2, 49) and vq.decode(ids).shape == (2, 1, 28, 28)
 
 
-@pytest.mark.parametrize("space", ["normalized", "hidden"])
-def test_consistency_stage_runs(assets, tmp_path, space):
+def test_consistency_stage_runs(assets, tmp_path):
     base = run_main(assets, tmp_path / "base", "--max-steps", "2", "--eval-every", "0", "--save-every", "0")
     run_main(assets, tmp_path / "cofre", "--from", base, "--max-steps", "3", "--consistency-weight", "0.5",
-             "--consistency-warmup", "2", "--eval-every", "3", "--save-every", "0", "--consistency-space", space)
+             "--consistency-warmup", "2", "--eval-every", "3", "--save-every", "0")
     steps = [r for r in read_log(tmp_path / "cofre") if "loss" in r]
     assert [r["lambda"] for r in steps] == [0.0, 0.25, 0.5]
     assert all(np.isfinite(r["consistency"]) and r["consistency"] >= 0 for r in steps)

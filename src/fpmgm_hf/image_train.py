@@ -17,13 +17,11 @@ The consistency stage (`--consistency-weight > 0`) follows CoFRe: nested student
 (`objectives.nested_masks`, MDLM schedule: mask ratio t ~ U[eps, 1], teacher at t - delta, teacher ⊆ student),
 a no-grad eval-mode teacher on the cleaner canvas, and a squared distance between the final hidden states at
 the student-masked positions, ramped by `consistency_weight_at`. Two MaskGIT-specific changes: the task term
-is MaskGIT's unweighted masked CE of the student logits (not the MDLM NELBO's 1/t weighting), and by default
-(`--consistency-space normalized`) the distance is between layer-normalised hidden states, averaged over the
-hidden dimension: after a few hundred MNIST steps the FP block is not contractive and the raw states grow
-from ~1e2 to ~1e7 in norm between 1 and 16 eval iterations (the logits, behind the final LayerNorm, barely
-change), which made the raw term 1e8 and swamped the task. `--consistency-space hidden` uses
-`objectives.consistency_loss` itself for the raw term (sum over dims), as for text. Labels (after dropout)
-go to both branches.
+is MaskGIT's unweighted masked CE of the student logits (not the MDLM NELBO's 1/t weighting), and the distance
+is `objectives.hidden_consistency` (layer-normalised states, as for text): after a few hundred MNIST steps the
+FP block is not contractive and the raw states grow from ~1e2 to ~1e7 in norm between 1 and 16 eval
+iterations (the logits, behind the final LayerNorm, barely change), which made a raw squared distance ~1e8.
+Labels (after dropout) go to both branches.
 
 The export (`OUT/final`) is a `save_pretrained` folder whose generation config defaults to MaskGIT sampling
 (confidence sampler, Halton order, 3SR, 49 tokens); `--vq DIR` is copied to `OUT/final/vq`, so
@@ -47,13 +45,11 @@ import torch.nn.functional as F
 
 from .objectives import (
     _teacher_forward,
-    consistency_loss,
     consistency_weight_at,
+    hidden_consistency,
     maskgit_loss,
     maskgit_masks,
     nested_masks,
-    subs_token_nll,
-    weighted_token_mean,
 )
 from .scheduling_fpmgm import loglinear_sigma
 from .train import Trainer, begin, export, resolve_resume, run_loop
@@ -105,9 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = off).")
     a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
     a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
-    a("--consistency-space", choices=["normalized", "hidden"], default="normalized",
-      help="Distance of the consistency term: between layer-normalised hidden states (mean over dims), or "
-           "objectives.consistency_loss's raw squared distance (sum over dims).")
     a("--stop-ppl-rise", type=float, default=None,
       help="Consistency stage: stop when exp(val CE) exceeds the pre-stage value by this fraction.")
     a("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 1 on a shared CPU).")
@@ -311,32 +304,14 @@ class ImageTrainer(Trainer):
         lam = consistency_weight_at(self.step, a.consistency_weight, a.consistency_warmup)
         model = self.acc.unwrap_model(self.model)
         mask_id = model.config.mask_token_id
-        if a.consistency_space == "hidden":
-            # objectives.consistency_loss as is, weight=1: `total` = MDLM task + consistency term (both with
-            # graphs); the MDLM task is recomputed from the student's logits and subtracted.
-            total, aux = consistency_loss(self.model, tokens, generator=self.generator, weight=1.0, eps=a.eps,
-                                          gap=tuple(a.consistency_gap), teacher=model,
-                                          model_kwargs={"class_labels": labels})
-            logits, student = aux["output"].logits, aux["student_mask"]
-            z_s = torch.where(student, torch.full_like(tokens, mask_id), tokens)
-            mdlm_task, _, _ = weighted_token_mean(subs_token_nll(logits, z_s, tokens, mask_id), aux["t_s"],
-                                                  torch.ones_like(student))
-            cons = total - mdlm_task
-        else:
-            # Same nested masks, student forward and no-grad eval-mode teacher as objectives.consistency_loss,
-            # but the squared distance is taken between layer-normalised hidden states (mean over the hidden
-            # dimension): the final layer normalises them anyway, and a barely contractive fixed point can
-            # let the raw states grow by orders of magnitude with the iteration count (seen on MNIST).
-            z_s, z_c, t_s, t_c, student, _ = nested_masks(tokens, mask_id, generator=self.generator,
-                                                          gap=tuple(a.consistency_gap), eps=a.eps)
-            out = self.model(z_s, timesteps=loglinear_sigma(t_s, a.eps), class_labels=labels,
-                             generator=self.generator)
-            h_c = _teacher_forward(model, z_c, t_c, a.eps, None, {"class_labels": labels})
-            logits = out.logits
-            h_s = out.hidden_states.float()
-            d = h_s.shape[-1]
-            sq = (F.layer_norm(h_s, (d,)) - F.layer_norm(h_c.float(), (d,))).pow(2).mean(-1)
-            cons = (sq * student.float()).sum() / student.float().sum().clamp_min(1.0)
+        # The nested masks, student forward and no-grad eval-mode teacher of objectives.consistency_loss, with
+        # MaskGIT's task term; the distance is objectives.hidden_consistency (layer-normalised states).
+        z_s, z_c, t_s, t_c, student, _ = nested_masks(tokens, mask_id, generator=self.generator,
+                                                      gap=tuple(a.consistency_gap), eps=a.eps)
+        out = self.model(z_s, timesteps=loglinear_sigma(t_s, a.eps), class_labels=labels, generator=self.generator)
+        h_c = _teacher_forward(model, z_c, t_c, a.eps, None, {"class_labels": labels})
+        logits = out.logits
+        cons = hidden_consistency(out.hidden_states, h_c, student)
         ce_sum, count = masked_ce(logits, tokens, student, mask_id)
         task = ce_sum / max(count, 1)
         return task + lam * cons, {"lambda": lam, "task": task.item(), "consistency": cons.item()}
