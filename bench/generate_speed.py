@@ -59,6 +59,7 @@ def main():
     p.add_argument("--budgets", type=int, nargs="+", default=[96], help="block-pass budgets")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--no-savings", action="store_true", help="skip the cache / adaptive-stopping section")
     p.add_argument(
         "--injection",
         default="concat_mlp",
@@ -86,6 +87,8 @@ def main():
             f"| {budget} | {steps} | {t_m:.3f} | {t_f:.3f} | {per_m * 1e3:.2f} ms | {per_f * 1e3:.2f} ms | "
             f"{per_f / per_m:.3f} |"
         )
+    if args.no_savings:
+        return
     budget = args.budgets[-1]
     print(f"\nsavings at budget {budget} (block passes actually run, mean over the batch):")
     for name, model, kw in [

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model
 from fpmgm_hf import FPMGMConfig, FPMGMGenerationConfig
 
 VALUES = st.one_of(

@@ -316,33 +316,22 @@ class ImageTrainer(Trainer):
         task = ce_sum / max(count, 1)
         return task + lam * cons, {"lambda": lam, "task": task.item(), "consistency": cons.item()}
 
-    @torch.no_grad()
+    sample_during_eval = False  # unconditional text samples do not apply
+
+    def validation_sums(self, model, batch, generator) -> torch.Tensor:
+        """Masked CE (summed, count) on validation grids: MaskGIT masks from the shared fixed-seed generator
+        (every evaluation sees the same masks) and the true labels. Logged as val_nelbo / val_ppl (= exp CE)
+        so the shared loop, its printing and `--stop-ppl-rise` apply unchanged."""
+        tokens, labels = unpack(batch)
+        masked, ratio = maskgit_masks(tokens, generator=generator)
+        z = torch.where(masked, torch.full_like(tokens, model.config.mask_token_id), tokens)
+        out = model(z, timesteps=loglinear_sigma(ratio), class_labels=labels)
+        ce_sum, count = masked_ce(out.logits, tokens, masked, model.config.mask_token_id)
+        return torch.tensor([float(ce_sum), float(count)], dtype=torch.float64, device=batch.device)
+
     def evaluate(self) -> dict:
-        """Masked CE (nats per masked token) on the validation grids: MaskGIT masks and the true labels, drawn
-        from a fixed seed so every evaluation sees the same masks."""
-        a, acc = self.args, self.acc
-        model = acc.unwrap_model(self.model)
-        model.eval()
-        if self.ema is not None:
-            self.ema.swap(model)
-        g = torch.Generator().manual_seed(a.seed + 7919 + acc.process_index)
-        shard = self.val_blocks[acc.process_index::acc.num_processes]
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for i, start in enumerate(range(0, len(shard), a.batch_size)):
-            if a.eval_batches and i >= a.eval_batches:
-                break
-            tokens, labels = unpack(shard[start:start + a.batch_size].to(acc.device))
-            masked, ratio = maskgit_masks(tokens, generator=g)
-            z = torch.where(masked, torch.full_like(tokens, model.config.mask_token_id), tokens)
-            out = model(z, timesteps=loglinear_sigma(ratio), class_labels=labels)
-            ce_sum, count = masked_ce(out.logits, tokens, masked, model.config.mask_token_id)
-            total += torch.tensor([float(ce_sum), float(count)], dtype=torch.float64, device=acc.device)
-        total = acc.reduce(total, reduction="sum")
-        ce = (total[0] / total[1].clamp_min(1)).item()
-        if self.ema is not None:
-            self.ema.swap(model)
-        model.train()
-        return {"step": self.step, "val_ce": ce, "val_nelbo": ce, "val_ppl": math.exp(min(ce, 700.0))}
+        result = super().evaluate()
+        return {**result, "val_ce": result["val_nelbo"]}
 
 
 # ------------------------------------------------------------------------------------------------ main

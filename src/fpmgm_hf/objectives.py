@@ -204,8 +204,9 @@ def consistency_loss(model, x0: Tensor, *, generator: torch.Generator, weight: f
     """CoFRe training loss `L = L_MDLM(student) + weight * L_CONS` on nested masks.
 
     L_MDLM is the NELBO of `x0` given the noisier student canvas z_s at t_s (weight 1 / t_s). L_CONS is
-    [`hidden_consistency`] between the final pre-logit hidden states h_s and sg(h_c). The teacher is `model` itself (or `teacher`, e.g. an EMA
-    copy), run on the cleaner canvas z_c at t_c under `torch.no_grad` in eval mode.
+    [`hidden_consistency`] between the final pre-logit hidden states h_s and sg(h_c). The teacher is `model`
+    itself (or `teacher`, e.g. an EMA copy), run on the cleaner canvas z_c at t_c under `torch.no_grad` in eval
+    mode.
 
     Returns `(loss, aux)` with `task`, `consistency` (detached), `output` (student), masks and times.
     """
