@@ -240,3 +240,23 @@ def test_training_on_shakespeare_lowers_validation_nelbo(tmp_path):
     print(f"vocab {len(tok)}, uniform NELBO {uniform:.3f}, val NELBO by eval (step 0 first): {nelbo}")
     assert abs(nelbo[0] - uniform) < 0.3  # one MC draw per batch: the 1/t weight makes it noisy
     assert nelbo[-1] < nelbo[0] - 0.5
+
+
+def test_tensorboard_scalars_when_installed(assets, tmp_path, monkeypatch):
+    """With tensorboard importable (a stub here), every numeric log record also becomes a scalar."""
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, step))
+
+    stub = types.ModuleType("torch.utils.tensorboard")
+    stub.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+    out = tmp_path / "tb"
+    run(base_args(assets, out, **{"--max-steps": 2, "--save-every": 0}))
+    assert calls[0] == ("init", str(out / "tensorboard"))
+    assert ("loss", 1) in calls and ("loss", 2) in calls and ("val_nelbo", 2) in calls

@@ -292,6 +292,22 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            writer = self._tensorboard()
+            if writer and "step" in record:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        writer.add_scalar(key, value, record["step"])
+
+    def _tensorboard(self):
+        """A SummaryWriter in OUT/tensorboard when tensorboard is installed (the JSONL log is always written)."""
+        if getattr(self, "_tb_writer", None) is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb_writer = SummaryWriter(os.path.join(self.args.out, "tensorboard"))
+            except ImportError:
+                self._tb_writer = False
+        return self._tb_writer
 
     def check_stop(self, result: dict) -> None:
         rise = self.args.stop_ppl_rise
