@@ -6,6 +6,7 @@ Hub-portable: imports only the standard library, transformers and sibling files.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from transformers import PretrainedConfig
 
@@ -15,23 +16,11 @@ INJECTIONS = ("concat_mlp", "add", "none")
 SOLVERS = ("picard", "anderson")
 POSITION_ENCODINGS = ("rope_1d", "rope_2d")
 
-_OWNER = "FPMGMConfig"
-
-
-def _fail(field, value, allowed):
-    fail(_OWNER, field, value, allowed)
-
-
-def _check_int(field, value, low, high=None):
-    check_int(_OWNER, field, value, low, high)
-
-
-def _check_float(field, value, low, high, low_open=False, high_open=False):
-    check_float(_OWNER, field, value, low, high, low_open, high_open)
-
-
-def _check_range(field, value, low):
-    return check_range(_OWNER, field, value, low)
+# The shared checks, bound to this config's name for the error messages.
+_fail = partial(fail, "FPMGMConfig")
+_check_int = partial(check_int, "FPMGMConfig")
+_check_float = partial(check_float, "FPMGMConfig")
+_check_range = partial(check_range, "FPMGMConfig")
 
 
 class FPMGMConfig(PretrainedConfig):

@@ -5,23 +5,16 @@ Hub-portable: imports only the standard library, transformers and sibling files.
 
 from __future__ import annotations
 
+from functools import partial
+
 from transformers import PretrainedConfig
 
 from .validation_fpmgm import check_float, check_int, fail
 
-_OWNER = "VQVAEConfig"
-
-
-def _fail(field, value, allowed):
-    fail(_OWNER, field, value, allowed)
-
-
-def _check_int(field, value, low, high=None):
-    check_int(_OWNER, field, value, low, high)
-
-
-def _check_float(field, value, low, high, low_open=False, high_open=False):
-    check_float(_OWNER, field, value, low, high, low_open, high_open)
+# The shared checks, bound to this config's name for the error messages.
+_fail = partial(fail, "VQVAEConfig")
+_check_int = partial(check_int, "VQVAEConfig")
+_check_float = partial(check_float, "VQVAEConfig")
 
 
 class VQVAEConfig(PretrainedConfig):
