@@ -52,7 +52,7 @@ from .objectives import (
     nested_masks,
 )
 from .scheduling_fpmgm import loglinear_sigma
-from .train import Trainer, begin, export, resolve_resume, run_loop
+from .train import Trainer, add_loop_arguments, begin, export, resolve_resume, run_loop
 
 _TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
 PRESETS = {
@@ -85,26 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-classes", type=int, default=None, help="Classes (default: max label + 1 of the training data).")
     a("--label-dropout", type=float, default=0.1, help="Probability of replacing a label by the null class.")
     a("--batch-size", type=int, default=32, help="Token grids per process per micro-batch.")
-    a("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
-    a("--max-steps", type=int, default=1000, help="Optimizer steps in total (including resumed ones).")
-    a("--lr", type=float, default=None, help="Peak learning rate (default 2e-4 for FP models, 3e-4 otherwise).")
-    a("--warmup-steps", type=int, default=100, help="Linear learning-rate warm-up steps; constant afterwards.")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    a("--clip", type=float, default=1.0, help="Gradient-norm clipping threshold (0 disables).")
-    a("--ema", type=float, default=None, help="EMA decay; evaluation and the export use the EMA weights.")
+    add_loop_arguments(p)
     a("--eps", type=float, default=1e-3, help="Epsilon of the consistency stage's mask schedule.")
-    a("--seed", type=int, default=0, help="Seed of the model init, the data order and every noise draw.")
-    a("--eval-every", type=int, default=200, help="Validate every N optimizer steps (and at the end).")
-    a("--eval-batches", type=int, default=20, help="Validation batches per process per evaluation (0 = all).")
-    a("--save-every", type=int, default=500, help="Save a resumable checkpoint every N steps (0 = never).")
-    a("--resume", default=None, help="Checkpoint folder to continue from, or 'latest'.")
-    a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = off).")
-    a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
-    a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
-    a("--stop-ppl-rise", type=float, default=None,
-      help="Consistency stage: stop when exp(val CE) exceeds the pre-stage value by this fraction.")
     a("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 1 on a shared CPU).")
-    a("--cpu", action="store_true", help="Force CPU even when an accelerator is available.")
     return p
 
 

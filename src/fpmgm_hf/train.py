@@ -45,6 +45,31 @@ RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "num_processes", "seed", "
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def add_loop_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimisation, checkpoint and consistency-stage flags that text and image training share."""
+    a = p.add_argument
+    a("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+    a("--max-steps", type=int, default=1000, help="Optimizer steps in total (including resumed ones).")
+    a("--lr", type=float, default=None, help="Peak learning rate (default 2e-4 for FP models, 3e-4 otherwise).")
+    a("--warmup-steps", type=int, default=100, help="Linear learning-rate warm-up steps; constant afterwards.")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
+    a("--clip", type=float, default=1.0, help="Gradient-norm clipping threshold (0 disables).")
+    a("--ema", type=float, default=None,
+      help="EMA decay (e.g. 0.9999); evaluation and the final export use the EMA weights.")
+    a("--seed", type=int, default=0, help="Seed of the model init, the data order and every noise draw.")
+    a("--eval-every", type=int, default=200, help="Validate every N optimizer steps (and at the end).")
+    a("--eval-batches", type=int, default=20, help="Validation batches per process per evaluation (0 = all).")
+    a("--save-every", type=int, default=500, help="Save a resumable checkpoint every N steps (0 = never).")
+    a("--resume", default=None, help="Checkpoint folder to continue from, or 'latest' (newest in OUT/checkpoints).")
+    a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = off).")
+    a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
+    a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
+    a("--stop-ppl-rise", type=float, default=None,
+      help="Consistency stage: stop at the first eval whose validation perplexity exceeds the pre-stage value "
+           "by this fraction.")
+    a("--cpu", action="store_true", help="Force CPU even when an accelerator is available.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fpmgm-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,29 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq-len", type=int, default=128, help="Tokens per training block.")
     a("--val-fraction", type=float, default=0.05, help="Fraction of blocks (the last ones) held out for validation.")
     a("--batch-size", type=int, default=8, help="Blocks per process per micro-batch.")
-    a("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
-    a("--max-steps", type=int, default=1000, help="Optimizer steps in total (including resumed ones).")
-    a("--lr", type=float, default=None, help="Peak learning rate (default 2e-4 for FP models, 3e-4 for MDLM).")
-    a("--warmup-steps", type=int, default=100, help="Linear learning-rate warm-up steps; constant afterwards.")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    a("--clip", type=float, default=1.0, help="Gradient-norm clipping threshold (0 disables).")
-    a("--ema", type=float, default=None,
-      help="EMA decay (e.g. 0.9999); evaluation and the final export use the EMA weights.")
+    add_loop_arguments(p)
     a("--eps", type=float, default=1e-3, help="Epsilon of the log-linear noise schedule and of t ~ U[eps, 1].")
     a("--mixed-precision", choices=["no", "fp16", "bf16", "fp8"], default=None,
       help="Passed to Accelerator (default: from `accelerate launch` / config).")
-    a("--seed", type=int, default=0, help="Seed of the model init, the data order and every noise draw.")
-    a("--eval-every", type=int, default=200, help="Validate every N optimizer steps (and at the end).")
-    a("--eval-batches", type=int, default=20, help="Validation batches per process per evaluation (0 = all).")
-    a("--save-every", type=int, default=500, help="Save a resumable checkpoint every N steps (0 = never).")
-    a("--resume", default=None, help="Checkpoint folder to continue from, or 'latest' (newest in OUT/checkpoints).")
-    a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = plain MDLM).")
-    a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
-    a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
-    a("--stop-ppl-rise", type=float, default=None,
-      help="Consistency stage: stop at the first eval whose val PPL exceeds the pre-stage PPL by this fraction.")
     a("--sample-steps", type=int, default=8, help="Denoising steps of the samples whose entropy is logged.")
-    a("--cpu", action="store_true", help="Force CPU even when an accelerator is available.")
     return p
 
 
