@@ -15,53 +15,18 @@ with the CoFRe hidden-state consistency term, as a following consistency stage, 
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
+
+from .objectives import consistency_weight_at, hidden_consistency, nested_masks
+from .scheduling_fpmgm import loglinear_sigma
 
 Tensor = torch.Tensor
 _NEG = -1e9  # a finite "minus infinity": keeps 0 * log 0 terms at exactly 0
 
 __all__ = ["DistillLoss", "LORA_TARGETS", "add_lora", "distill_loss", "finetune", "kl_weight_at", "masked_nelbo",
            "nested_masks", "parameter_summary", "subs_log_probs", "tempered_subs_kl"]
-
-
-def _sigma(t: Tensor, eps: float) -> Tensor:
-    """Log-linear schedule: sigma(t) = -log(1 - (1 - eps) t) (ignored by models without time conditioning)."""
-    return -torch.log1p(-(1 - eps) * t)
-
-
-def _local_nested_masks(x0: Tensor, mask_id: int, *, generator: torch.Generator, gap=(0.05, 0.30), eps: float = 1e-3):
-    """Fallback for `fpmgm_hf.objectives.nested_masks`: one uniform u per token shared by both canvases;
-    t_c = max(t_s - gap, eps); masked when u < (1 - eps) t. Rows whose masks coincide reveal one teacher
-    token (the masked one with the largest u); rows with no student mask mask their smallest-u token."""
-    B = x0.shape[0]
-    u = torch.rand(x0.shape, generator=generator).to(x0.device)
-    t_s = (eps + (1 - eps) * torch.rand((B,), generator=generator)).to(x0.device)
-    delta = (gap[0] + (gap[1] - gap[0]) * torch.rand((B,), generator=generator)).to(x0.device)
-    t_c = torch.clamp(t_s - delta, min=eps)
-    student = u < ((1 - eps) * t_s)[:, None]
-    teacher = u < ((1 - eps) * t_c)[:, None]
-    empty = ~student.any(1)
-    student[empty, u.argmin(1)[empty]] = True
-    same = (student == teacher).all(1)
-    last = u.masked_fill(~teacher, -math.inf).argmax(1)
-    teacher[same, last[same]] = False
-    masked = torch.full_like(x0, mask_id)
-    return torch.where(student, masked, x0), torch.where(teacher, masked, x0), t_s, t_c, student, teacher
-
-
-def nested_masks(x0: Tensor, mask_id: int, *, generator: torch.Generator, gap=(0.05, 0.30), eps: float = 1e-3):
-    """Correlated (nested) masks: `(z_s, z_c, t_s, t_c, student_mask, teacher_mask)`, teacher ⊆ student.
-    Uses `fpmgm_hf.objectives.nested_masks` when available, else a local implementation of the same rule."""
-    try:
-        from .objectives import nested_masks as shared
-    except ImportError:
-        shared = None
-    if shared is None:
-        return _local_nested_masks(x0, mask_id, generator=generator, gap=gap, eps=eps)
-    return shared(x0, mask_id, generator=generator, gap=tuple(gap), eps=eps)
 
 
 def _tempered_log_probs(logits: Tensor, mask_id: int, tau: float = 1.0) -> Tensor:
@@ -96,10 +61,8 @@ def tempered_subs_kl(teacher_logits: Tensor, student_logits: Tensor, z_c: Tensor
     return neg_entropy - (p_t * log_s).sum(-1)
 
 
-def kl_weight_at(step: int, target: float = 0.1, warmup: int = 5000) -> float:
-    """lambda at `step`: linear warm-up from 0 to `target` over `warmup` steps, then constant."""
-    return float(target) if warmup <= 0 else float(target) * min(1.0, max(step, 0) / warmup)
-
+# lambda of the KL term: the same linear warm-up as the consistency weight.
+kl_weight_at = consistency_weight_at
 
 def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl_weight: float = 0.1,
                  tau: float = 1.5, gap=(0.05, 0.30), eps: float = 1e-3,
@@ -118,12 +81,12 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
     """
     mask_id = getattr(student, "module", student).config.mask_token_id
     z_s, z_c, t_s, t_c, student_mask, _ = nested_masks(x0, mask_id, generator=generator, gap=gap, eps=eps)
-    s_out = student(z_s, timesteps=_sigma(t_s, eps), generator=generator, return_dict=True)
+    s_out = student(z_s, timesteps=loglinear_sigma(t_s, eps), generator=generator, return_dict=True)
     s_logits = s_out.logits
     with torch.no_grad():
         was_training = teacher.training
         teacher.eval()
-        t_logits = teacher(z_c, timesteps=_sigma(t_c, eps), return_dict=True).logits
+        t_logits = teacher(z_c, timesteps=loglinear_sigma(t_c, eps), return_dict=True).logits
         teacher.train(was_training)
     rows = student_mask  # (B, L) bool
     s_rows, x_rows = s_logits[rows], x0[rows]  # (N, V), (N,)
@@ -140,11 +103,9 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
         own.eval()
         try:
             with torch.no_grad():
-                h_c = own(z_c, timesteps=_sigma(t_c, eps), return_dict=True).hidden_states.detach()
+                h_c = own(z_c, timesteps=loglinear_sigma(t_c, eps), return_dict=True).hidden_states.detach()
         finally:
             own.train(was_training)
-        from .objectives import hidden_consistency
-
         cons = hidden_consistency(s_out.hidden_states, h_c, rows)
         loss = loss + consistency_weight * cons
         aux["consistency"] = cons.detach()
@@ -174,7 +135,7 @@ def masked_nelbo(model, x0: Tensor, *, seed: int = 0, eps: float = 1e-3, repeats
             t = (eps + (1 - eps) * ((u0 + torch.arange(B) / B) % 1.0)).to(x0.device)
             masked = torch.rand(x0.shape, generator=g).to(x0.device) < ((1 - eps) * t)[:, None]
             z = torch.where(masked, torch.full_like(x0, mask_id), x0)
-            logits = model(z, timesteps=_sigma(t, eps), return_dict=True, **forward_kwargs).logits
+            logits = model(z, timesteps=loglinear_sigma(t, eps), return_dict=True, **forward_kwargs).logits
             total += float((_nll_per_token(logits, z, x0, mask_id) / t[:, None]).mean())
     finally:
         model.train(was_training)
@@ -192,8 +153,6 @@ class DistillLoss:
         self.consistency_weight, self.consistency_warmup = consistency_weight, consistency_warmup
 
     def __call__(self, trainer, x0: Tensor):
-        from .objectives import consistency_weight_at
-
         lam = kl_weight_at(trainer.step, self.kl_weight, self.kl_warmup)
         cons = consistency_weight_at(trainer.step, self.consistency_weight, self.consistency_warmup)
         if self.teacher.device != x0.device:
