@@ -52,6 +52,7 @@ BAD = [
     ("time_conditioning", "yes"),
     ("num_classes", -1),
     ("tie_word_embeddings", 1),
+    ("fp_state_norm", "yes"),
     ("num_fp_layers", -1),
     ("injection", "concat"),
     ("fp_solver", "broyden"),

@@ -1,10 +1,13 @@
 """Examples run with tiny arguments (smoke tests)."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import MASK, tiny_model
+from conftest import MASK, VOCAB, tiny_model
+from test_convert import assets  # noqa: F401  (fixture: a tiny MDLM checkpoint, tokenizer and text)
 from test_evaluation import tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -50,3 +53,77 @@ def test_generate_text_refuses_a_canvas_without_room(tmp_path):
         raise AssertionError("expected a ValueError")
     assert generate_text.build_canvas(tok, "w1", "", 3).tolist() == [[1, MASK, MASK]]
     assert torch.is_tensor(generate_text.build_canvas(tok, "w1", "w2", 4))
+
+
+def _tiny_lm(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_budget_sweep_scores_every_budget_and_reuse_mode(tmp_path):
+    import budget_sweep
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    rows = budget_sweep.main(["--model", str(tmp_path / "m"), "--budgets", "12", "24", "--reuse", "none", "3sr",
+                              "--samples", "2", "--length", "8", "--eval-lm", str(_tiny_lm(tmp_path / "lm"))])
+    assert [(r["budget"], r["reuse"]) for r in rows] == [(12, "none"), (12, "3sr"), (24, "none"), (24, "3sr")]
+    assert all(0 < r["block_passes"] <= r["budget"] and r["gen_ppl"] > 1 and r["entropy"] >= 0 for r in rows)
+
+
+def test_train_own_text_trains_both_stages_and_reuses_them(tmp_path):
+    import train_own_text
+
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    argv = ["--text", str(text), "--out", str(tmp_path / "run"), "--vocab-size", "300", "--hidden-size", "32",
+            "--seq-len", "16", "--steps", "4", "--cons-steps", "2", "--batch-size", "2"]
+    final = train_own_text.main(argv)
+    assert final == tmp_path / "run" / "cofre" / "final"
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(final, trust_remote_code=True)
+    assert model.config.num_fp_layers == 1 and model.config.vocab_size == 300
+    assert model.generation_config.reuse == "3sr"
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    assert train_own_text.main(argv) == final and (final / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _tiny_convert_args(assets):
+    return ["--mdlm", str(assets["mdlm"]), "--tokenizer", str(assets["tok"]), "--data", str(assets["data"]),
+            "--seq-len", "16", "--verify-batch", "2", "--sample-length", "8", "--sample-steps", "2",
+            "--val-blocks", "4", "--eval-batches", "2"]
+
+
+def test_lora_conversion_example_reports_the_adapters(assets, tmp_path):
+    import lora_conversion
+
+    report = lora_conversion.main(_tiny_convert_args(assets) + ["--map", "1,2,3", "--rank", "2", "--steps", "2", "--launcher", "python",
+                                          "--output", str(tmp_path / "lora"), "--batch-size", "2", "--eval-every", "0"])
+    params = report["finetune"]["parameters"]
+    assert report["finetune"]["lora_r"] == 2 and params["trainable_parameters"] < params["total_parameters"] / 5
+    assert (tmp_path / "lora" / "model.safetensors").is_file()
+
+
+def test_convert_mdlm_owt_example_runs_the_recipe_on_a_tiny_checkpoint(assets, tmp_path):
+    import convert_mdlm_owt
+    from test_convert import reset_accelerate
+
+    out = tmp_path / "owt"
+    argv = _tiny_convert_args(assets) + ["--map", "1,2,3", "--steps", "2", "--batch-size", "2", "--global-batch", "4",
+                                         "--consistency-steps", "2", "--output", str(out)]
+    reset_accelerate()
+    convert_mdlm_owt.main(argv)
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["mapping"] == [1, 2, 3]
+    assert report["training"]["grad_accum"] == 2 and report["training"]["steps"] == 2
+    from fpmgm_hf import FPMGMForMaskedGeneration
+
+    assert FPMGMForMaskedGeneration.from_pretrained(str(out)).generation_config.reuse == "3sr"
+    reset_accelerate()
+    with pytest.raises(ValueError, match="--global-batch 5"):
+        convert_mdlm_owt.main(argv[:-2] + ["--global-batch", "5", "--output", str(tmp_path / "x")])

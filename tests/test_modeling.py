@@ -25,8 +25,9 @@ def explicit_head(model, z, c, rope):
     return model.lm_head(z, c)
 
 
-def test_k_picard_iterations_equal_an_explicit_loop():
-    model = tiny_model()
+@pytest.mark.parametrize("state_norm", [False, True])
+def test_k_picard_iterations_equal_an_explicit_loop(state_norm):
+    model = tiny_model(fp_state_norm=state_norm)
     x = torch.randint(0, VOCAB, (2, 9))
     K = 5
     with torch.no_grad():
@@ -35,6 +36,9 @@ def test_k_picard_iterations_equal_an_explicit_loop():
         g_pre = inj.proj(h_pre)
         z = h_pre
         for _ in range(K):  # the injection written out: fc2(GELU(fc1([z, G(h_pre)])))
+            if state_norm:
+                w = model.model.fp_norm.weight
+                z = torch.nn.functional.layer_norm(z, (z.shape[-1],), w, None, 1e-5)
             z_in = inj.fc2(inj.act(inj.fc1(torch.cat([z, g_pre], dim=-1))))
             z = model.model.fp_blocks[0](z_in, c, rope, None)
         expected = explicit_head(model, z, c, rope)
@@ -43,6 +47,22 @@ def test_k_picard_iterations_equal_an_explicit_loop():
     torch.testing.assert_close(out.fixed_point, z)
     assert out.block_passes.tolist() == [1 + K + 1] * 2
     assert out.solver_stats.iterations.tolist() == [K, K]
+
+
+@pytest.mark.parametrize("state_norm", [False, True])
+def test_state_norm_keeps_an_expanding_map_bounded(state_norm):
+    model = FPMGMForMaskedGeneration(tiny_config(fp_state_norm=state_norm)).eval()  # identity injection
+    with torch.no_grad():
+        model.model.injection.fc2.weight.mul_(3.0)  # the map now inflates the state at every iteration
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        norms = [model(x, fp_iters=k).fixed_point.norm(dim=-1).mean().item() for k in (4, 40)]
+    if state_norm:
+        assert norms[1] < 2 * norms[0]
+        assert "model.fp_norm.weight" in model.state_dict()
+    else:
+        assert norms[1] > 1e6 * norms[0]
+        assert not any("fp_norm" in k for k in model.state_dict())
 
 
 def test_plain_stack_equals_explicit_blocks():

@@ -47,6 +47,10 @@ class FPMGMConfig(PretrainedConfig):
         injection (`str`, defaults to `"concat_mlp"`): how the shared block sees `h_pre`: `"concat_mlp"`
             (Linear G, then MLP(concat(z, G(h_pre))) 2D->2D->D initialised to the identity in z), `"add"`
             (z + G(h_pre)) or `"none"`.
+        fp_state_norm (`bool`, defaults to False): LayerNorm the state before the injection, i.e. iterate
+            `z <- F(G(LN(z)), h_pre)`. The paper's map (False) has no such norm; nothing then bounds the state, and
+            small models trained with few S-JFB iterations inflate it geometrically when iterated longer
+            (as DEQ transformers do, the norm keeps the map on a bounded set so 3SR and large budgets stay finite).
         fp_solver (`str`, defaults to `"picard"`): `"picard"` (plain iteration) or `"anderson"`.
         fp_max_iter (`int`, defaults to 8): iterations per forward in eval mode.
         fp_tol (`float` or None, defaults to None): relative-residual stopping threshold per sample;
@@ -87,6 +91,7 @@ class FPMGMConfig(PretrainedConfig):
         num_fp_layers=1,
         num_post_layers=1,
         injection="concat_mlp",
+        fp_state_norm=False,
         fp_solver="picard",
         fp_max_iter=8,
         fp_tol=None,
@@ -115,6 +120,7 @@ class FPMGMConfig(PretrainedConfig):
         self.num_fp_layers = num_fp_layers
         self.num_post_layers = num_post_layers
         self.injection = injection
+        self.fp_state_norm = fp_state_norm
         self.fp_solver = fp_solver
         self.fp_max_iter = fp_max_iter
         self.fp_tol = fp_tol
@@ -148,11 +154,10 @@ class FPMGMConfig(PretrainedConfig):
         _check_int("cond_dim", self.cond_dim, 1)
         _check_int("max_position_embeddings", self.max_position_embeddings, 1)
         _check_float("dropout", self.dropout, 0, 1, high_open=True)
-        if not isinstance(self.time_conditioning, bool):
-            _fail("time_conditioning", self.time_conditioning, "True or False")
+        for name in ("time_conditioning", "tie_word_embeddings", "fp_state_norm"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
         _check_int("num_classes", self.num_classes, 0)
-        if not isinstance(self.tie_word_embeddings, bool):
-            _fail("tie_word_embeddings", self.tie_word_embeddings, "True or False")
         for name in ("num_pre_layers", "num_fp_layers", "num_post_layers"):
             _check_int(name, getattr(self, name), 0)
         if self.num_layers_total == 0:

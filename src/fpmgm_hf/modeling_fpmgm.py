@@ -352,6 +352,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
         self.conditioning = FPMGMConditioning(config)
         self.pre_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_pre_layers))
         self.injection = FPMGMInjection(config) if config.num_fp_layers else None
+        self.fp_norm = FPMGMLayerNorm(config.hidden_size) if config.num_fp_layers and config.fp_state_norm else None
         self.fp_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_fp_layers))
         self.post_blocks = nn.ModuleList(FPMGMBlock(config) for _ in range(config.num_post_layers))
         self.gradient_checkpointing = False
@@ -478,6 +479,8 @@ class FPMGMModel(FPMGMPreTrainedModel):
                 c_r = c[rows]
                 inj_r = None if injected is None else injected[rows]
                 m_r = None if attn_mask is None else attn_mask[rows]
+            if self.fp_norm is not None:  # bounds the map's range (see FPMGMConfig.fp_state_norm)
+                z = self.fp_norm(z)
             z = self.injection(z, inj_r)
             for block in self.fp_blocks:
                 z = block(z, c_r, rope, m_r)
