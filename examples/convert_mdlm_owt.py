@@ -1,7 +1,8 @@
 """Convert the real `kuleshov-group/mdlm-owt` into a CoFRe FP-MDLM on a GPU machine (the paper's §4.2 recipe).
 
     accelerate launch --mixed_precision bf16 examples/convert_mdlm_owt.py --output outputs/fp-mdlm-owt
-    accelerate launch --num_processes 8 --mixed_precision bf16 examples/convert_mdlm_owt.py --push-to-hub you/fp-mdlm-owt
+    accelerate launch --num_processes 8 --mixed_precision bf16 examples/convert_mdlm_owt.py \
+        --push-to-hub you/fp-mdlm-owt
 
 Settings (paper §3.4 / App. C.3): layers 1, 6, 12 -> 1/1/1 with the concat-MLP injection near the identity,
 40k distillation steps against the frozen MDLM (lambda 0.1, tau 1.5), OpenWebText blocks of 1024 tokens,
@@ -53,7 +54,8 @@ def main(argv=None):
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--grad-accum", str(args.global_batch // (args.batch_size * procs)),
            "--kl-weight", "0.1", "--kl-warmup", str(min(5000, args.steps // 8 or 1)), "--tau", "1.5", "--lr", "2e-4",
-           "--save-every", str(max(1, min(1000, args.steps // 4))), "--eval-every", str(max(1, min(500, args.steps // 4))),
+           "--save-every", str(max(1, min(1000, args.steps // 4))),
+           "--eval-every", str(max(1, min(500, args.steps // 4))),
            "--output", args.output]
     if args.consistency_steps:
         cli += ["--consistency-weight", "0.1", "--consistency-warmup", str(max(1, args.consistency_steps // 6)),

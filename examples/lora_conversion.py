@@ -1,6 +1,6 @@
 """Convert an MDLM into an FP-MDLM with LoRA adapters instead of full fine-tuning, then compare the cost.
 
-    .venv/bin/python examples/lora_conversion.py                       # the demo's MDLM (bash scripts/demo.sh first)
+    .venv/bin/python examples/lora_conversion.py      # the MDLM of the demo (run bash scripts/demo.sh first)
     .venv/bin/python examples/lora_conversion.py --mdlm kuleshov-group/mdlm-owt --tokenizer gpt2 --data openwebtext
 
 Runs `accelerate launch conversion/convert.py --lora-r R`: rank-R adapters on every Linear of the three
@@ -38,7 +38,8 @@ def main(argv=None):
     exe = [accelerate, "launch", "--num_processes", "1"] if args.launcher == "accelerate" else [sys.executable]
     cmd = exe + [str(ROOT / "conversion" / "convert.py"), "--mdlm", args.mdlm, "--tokenizer", args.tokenizer,
                  "--data", args.data, "--map", args.map, "--layers", "1/1/1", "--lora-r", str(args.rank),
-                 "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--kl-warmup", str(max(1, args.steps // 5)),
+                 "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+                 "--kl-warmup", str(max(1, args.steps // 5)),
                  "--output", args.output, "--overwrite", *extra]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))

@@ -37,7 +37,7 @@ def stage(argv: list[str], out: Path) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", default="kjv", help=f"text file (.txt/.jsonl) or a bundled corpus {list(BUNDLED_CORPORA)}")
+    p.add_argument("--text", default="kjv", help=f"text file (.txt/.jsonl) or bundled corpus {list(BUNDLED_CORPORA)}")
     p.add_argument("--out", default="outputs/own-text", help="output folder (re-runs resume)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (mask token included)")
     p.add_argument("--hidden-size", type=int, default=256, help="model width")
@@ -60,7 +60,8 @@ def main(argv=None):
                             "--warmup-steps", str(min(100, args.steps // 10)), "--out", str(out / "fp")], out / "fp")
     if args.cons_steps:
         model = stage(common + ["--from", str(model), "--max-steps", str(args.cons_steps), "--warmup-steps", "0",
-                                "--consistency-weight", "0.1", "--consistency-warmup", str(max(1, args.cons_steps // 5)),
+                                "--consistency-weight", "0.1",
+                                "--consistency-warmup", str(max(1, args.cons_steps // 5)),
                                 "--stop-ppl-rise", "0.15", "--out", str(out / "cofre")], out / "cofre")
     print(f"done: {model}\n  sample it: .venv/bin/python examples/generate_text.py --model {model}")
     return model

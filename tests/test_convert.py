@@ -27,13 +27,17 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convert")
+def make_assets(root: Path) -> dict:
+    """A tiny random MDLM (Hub-folder layout), its tokenizer and a small text file."""
     data = root / "train.txt"
     data.write_text("the cat sat on the mat and the dog ran far away . it was a very good day .\n\n" * 40)
     return {"mdlm": write_hub_folder(root / "mdlm", mdlm_state_dict(0)), "tok": tiny_tokenizer(root / "tok"),
             "data": data}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("convert"))
 
 
 def argv(assets, out, *extra):

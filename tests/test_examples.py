@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MASK, VOCAB, tiny_model
-from test_convert import assets  # noqa: F401  (fixture: a tiny MDLM checkpoint, tokenizer and text)
+from test_convert import make_assets, reset_accelerate
 from test_evaluation import tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -93,28 +93,33 @@ def test_train_own_text_trains_both_stages_and_reuses_them(tmp_path):
     assert train_own_text.main(argv) == final and (final / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.fixture(scope="module")
+def mdlm(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("mdlm"))
+
+
 def _tiny_convert_args(assets):
     return ["--mdlm", str(assets["mdlm"]), "--tokenizer", str(assets["tok"]), "--data", str(assets["data"]),
             "--seq-len", "16", "--verify-batch", "2", "--sample-length", "8", "--sample-steps", "2",
             "--val-blocks", "4", "--eval-batches", "2"]
 
 
-def test_lora_conversion_example_reports_the_adapters(assets, tmp_path):
+def test_lora_conversion_example_reports_the_adapters(mdlm, tmp_path):
     import lora_conversion
 
-    report = lora_conversion.main(_tiny_convert_args(assets) + ["--map", "1,2,3", "--rank", "2", "--steps", "2", "--launcher", "python",
-                                          "--output", str(tmp_path / "lora"), "--batch-size", "2", "--eval-every", "0"])
+    report = lora_conversion.main(_tiny_convert_args(mdlm) + [
+        "--map", "1,2,3", "--rank", "2", "--steps", "2", "--launcher", "python", "--output", str(tmp_path / "lora"),
+        "--batch-size", "2", "--eval-every", "0"])
     params = report["finetune"]["parameters"]
     assert report["finetune"]["lora_r"] == 2 and params["trainable_parameters"] < params["total_parameters"] / 5
     assert (tmp_path / "lora" / "model.safetensors").is_file()
 
 
-def test_convert_mdlm_owt_example_runs_the_recipe_on_a_tiny_checkpoint(assets, tmp_path):
+def test_convert_mdlm_owt_example_runs_the_recipe_on_a_tiny_checkpoint(mdlm, tmp_path):
     import convert_mdlm_owt
-    from test_convert import reset_accelerate
 
     out = tmp_path / "owt"
-    argv = _tiny_convert_args(assets) + ["--map", "1,2,3", "--steps", "2", "--batch-size", "2", "--global-batch", "4",
+    argv = _tiny_convert_args(mdlm) + ["--map", "1,2,3", "--steps", "2", "--batch-size", "2", "--global-batch", "4",
                                          "--consistency-steps", "2", "--output", str(out)]
     reset_accelerate()
     convert_mdlm_owt.main(argv)
