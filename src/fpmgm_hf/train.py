@@ -27,6 +27,7 @@ import torch
 
 from .data import BlockSampler, fingerprint, load_texts, load_training_tokenizer, pack_blocks, split_blocks
 from .objectives import consistency_loss, consistency_weight_at, mdlm_nelbo
+from .validation_fpmgm import weight_file_problems
 
 _SMALL = dict(hidden_size=768, num_attention_heads=12, cond_dim=128, dropout=0.1)
 _TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
@@ -358,6 +359,10 @@ class Trainer:
         gen_path = os.path.join(path, f"generator_{self.acc.process_index}.pt")
         if not os.path.isfile(gen_path):
             raise ValueError(f"--resume: {path!r} lacks {os.path.basename(gen_path)} for this process.")
+        bad = weight_file_problems(path)
+        if bad:
+            raise ValueError(f"--resume: checkpoint {path!r} is truncated or corrupt:\n  " + "\n  ".join(bad)
+                             + "\nDelete it to resume from the previous checkpoint.")
         self.acc.load_state(path)
         self.generator.set_state(torch.load(gen_path))
         self.step, self.baseline_ppl = state["step"], state.get("baseline_ppl")

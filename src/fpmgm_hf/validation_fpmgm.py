@@ -6,7 +6,11 @@ Hub-portable: standard library only.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import struct
+import zipfile
 
 
 def fail(owner: str, field: str, value, allowed) -> None:
@@ -38,3 +42,63 @@ def check_range(owner: str, field: str, value, low: int) -> tuple[int, int]:
     ):
         fail(owner, field, value, f"a pair (lo, hi) of integers with {low} <= lo <= hi")
     return (int(value[0]), int(value[1]))
+
+
+def weight_file_problems(folder: str) -> list[str]:
+    """Truncated or corrupt weight files in `folder`, checked from their headers without loading them:
+    `*.safetensors` (the 8-byte header length, the JSON header, and a size that covers every tensor) and
+    torch zip archives (`*.bin`, `*.pt`, `*.pth`: the zip directory and the member CRCs). Returns one line per
+    bad file; an empty list when everything is readable."""
+    problems = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            why = _safetensors_problem(path)
+        elif name.endswith((".bin", ".pt", ".pth")) and os.path.isfile(path):
+            why = _zip_problem(path)
+        else:
+            continue
+        if why:
+            problems.append(f"{path}: {why}")
+    return problems
+
+
+def _safetensors_problem(path: str):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, shorter than the 8-byte header length)"
+        n = struct.unpack("<Q", head)[0]
+        if 8 + n > size:
+            return f"truncated (the header alone needs {8 + n} bytes, the file has {size})"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "corrupt JSON header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"truncated (the tensors need {need} bytes, the file has {size})"
+    return None
+
+
+def _zip_problem(path: str):
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"not a readable torch archive ({err})"
+    return f"corrupt member {bad!r}" if bad else None
+
+
+def check_local_weights(owner: str, name_or_path, subfolder: str = "") -> None:
+    """Raise `OSError` listing the bad weight files when `name_or_path` (+ `subfolder`) is a local folder
+    holding truncated or corrupt ones; Hub ids and missing folders are left to `from_pretrained`."""
+    folder = os.path.join(str(name_or_path), subfolder or "")
+    if not os.path.isdir(folder):
+        return
+    bad = weight_file_problems(folder)
+    if bad:
+        raise OSError(f"{owner}.from_pretrained: truncated or corrupt weights in {folder!r}:\n  " + "\n  ".join(bad)
+                      + "\nRe-save the model or download it again (force_download=True).")
