@@ -1,9 +1,10 @@
 """The budget sweep CLI end to end on tiny models with a tiny local evaluation LM."""
 
 import json
+import math
 
 import torch
-from conftest import MASK, VOCAB, tiny_model
+from conftest import MASK, VOCAB, tiny_config, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -79,3 +80,28 @@ def test_sweep_writes_tables_plots_samples_and_resumes(tmp_path):
     n_lines = len((out / "points.jsonl").read_text().splitlines())
     assert main(argv) == 0
     assert len((out / "points.jsonl").read_text().splitlines()) == n_lines
+
+
+def test_sweep_records_diverging_points_and_keeps_going(tmp_path):
+    from fpmgm_hf import FPMGMForMaskedGeneration
+
+    tok = tiny_tokenizer()
+    model = FPMGMForMaskedGeneration(tiny_config())  # identity injection: f(z) = 1e6 z; full reuse carries z
+    with torch.no_grad():
+        model.model.injection.fc2.weight.mul_(1e6)
+    model.save_pretrained(tmp_path / "bad")
+    tok.save_pretrained(tmp_path / "bad")
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tmp_path / "bad"), "--names", "bad", "--budgets", "6", "48", "--reuse", "full",
+            "--num-samples", "2", "--seq-len", "8", "--batch-size", "2", "--eval-lm", str(tmp_path / "lm"),
+            "--out", str(out)]
+    assert main(argv) == 0
+    best = {p["budget"]: p for p in json.loads((out / "results.json").read_text())["best"]}
+    assert best[6]["gen_ppl"] > 0  # 6 = 2 steps x (2 blocks + 1 iteration): still finite
+    assert math.isnan(best[48]["gen_ppl"]) and "non-finite" in best[48]["extra"]["diverged"]
+    assert "diverged [T=" in (out / "results.md").read_text()
+    assert main(argv) == 0  # NaN points resume from points.jsonl like any other

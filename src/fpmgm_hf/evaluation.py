@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
@@ -115,49 +116,46 @@ def run_sweep(args) -> tuple[list[SweepPoint], dict]:
             if key in done:
                 points.append(done[key])
                 continue
-            t0 = time.perf_counter()
-            seqs, passes = generate_samples(
-                model,
-                args.num_samples,
-                args.seq_len,
-                args.batch_size,
-                args.seed,
-                budget=budget,
-                num_steps=steps,
-                reuse=reuse,
-                fp_schedule=sched,
-                sampler="ancestral",
-                use_cache=True,
-            )
-            seconds = time.perf_counter() - t0
-            scores = score(seqs, tokenizer, eval_lm, eval_tok)
-            sample_file = "samples/" + re.sub(r"[^A-Za-z0-9.+=-]+", "_", key) + ".jsonl"
-            _write_jsonl(out / sample_file, scores.pop("texts"))
-            point = SweepPoint(
-                name,
-                reuse,
-                sched,
-                budget,
-                steps,
-                scores["gen_ppl"],
-                scores["pooled_ppl"],
-                scores["entropy"],
-                passes,
-                seconds,
-                sample_file,
-            )
+            where = (name, reuse, sched, budget, steps)
+            point = _run_point(model, tokenizer, (eval_lm, eval_tok), args, out, key, where)
             points.append(point)
             _append_jsonl(out / "points.jsonl", {"key": key, **asdict(point)})
     write_reports(points, out, lm_info, vars(args))
     return points, lm_info
 
 
+def _run_point(model, tokenizer, lm, args, out: Path, key: str, where: tuple) -> SweepPoint:
+    """Sample and score one (model, reuse, schedule, budget, steps) point. A solver that meets non-finite
+    iterates (a non-contractive shared block, see FPMGMConfig.fp_state_norm) gives a `diverged` point (NaN
+    scores) instead of ending the sweep."""
+    name, reuse, sched, budget, steps = where
+    t0 = time.perf_counter()
+    try:
+        seqs, passes = generate_samples(model, args.num_samples, args.seq_len, args.batch_size, args.seed,
+                                        budget=budget, num_steps=steps, reuse=reuse, fp_schedule=sched,
+                                        sampler="ancestral", use_cache=True)
+    except FloatingPointError as err:
+        nan = float("nan")
+        return SweepPoint(*where, nan, nan, nan, nan, time.perf_counter() - t0, "", {"diverged": str(err)[:300]})
+    seconds = time.perf_counter() - t0
+    scores = score(seqs, tokenizer, *lm)
+    sample_file = "samples/" + re.sub(r"[^A-Za-z0-9.+=-]+", "_", key) + ".jsonl"
+    _write_jsonl(out / sample_file, scores.pop("texts"))
+    return SweepPoint(*where, scores["gen_ppl"], scores["pooled_ppl"], scores["entropy"], passes, seconds,
+                      sample_file)
+
+
+def _rank(p: SweepPoint) -> tuple:
+    return (math.isnan(p.gen_ppl), p.gen_ppl)  # diverged points lose to any finite one
+
+
 def best_per_budget(points: list[SweepPoint]) -> list[SweepPoint]:
-    """The lowest-gen-PPL step count for every (model, reuse, schedule, budget)."""
+    """The lowest-gen-PPL step count for every (model, reuse, schedule, budget); diverged points only where
+    every step count diverged."""
     best: dict[tuple, SweepPoint] = {}
     for p in points:
         key = (p.model, p.reuse, p.fp_schedule, p.budget)
-        if key not in best or p.gen_ppl < best[key].gen_ppl:
+        if key not in best or _rank(p) < _rank(best[key]):
             best[key] = p
     return sorted(best.values(), key=lambda p: (p.model, p.reuse, p.fp_schedule, p.budget))
 
@@ -182,9 +180,15 @@ def markdown_table(points: list[SweepPoint], lm_info: dict) -> str:
         cells = []
         for b in budgets:
             hit = [p for p in rows if (p.model, p.reuse, p.fp_schedule) == cfg and p.budget == b]
-            cells.append(f"{hit[0].gen_ppl:.1f} / {hit[0].entropy:.2f} [T={hit[0].num_steps}]" if hit else "—")
+            cells.append(_cell(hit[0]) if hit else "—")
         lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(p: SweepPoint) -> str:
+    if math.isnan(p.gen_ppl):
+        return f"diverged [T={p.num_steps}]"
+    return f"{p.gen_ppl:.1f} / {p.entropy:.2f} [T={p.num_steps}]"
 
 
 def plot(points: list[SweepPoint], path: Path, title: str = "") -> Optional[Path]:
@@ -212,7 +216,8 @@ def plot(points: list[SweepPoint], path: Path, title: str = "") -> Optional[Path
         ax.set_xlabel("budget (transformer-block passes per sample)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    ax1.set_yscale("log")
+    if any(p.gen_ppl > 0 for p in rows):  # NaN (diverged) compares False
+        ax1.set_yscale("log")
     ax1.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
