@@ -194,6 +194,8 @@ def stage_sweep(args, out):
             *map(str, args.budgets),
             "--reuse",
             *reuse,
+            "--fp-iters",
+            *map(str, args.fp_iters),
             "--num-samples",
             str(args.samples),
             "--seq-len",
@@ -241,6 +243,8 @@ def main():
     p.add_argument("--lr-fp", type=float, default=6.7e-4, help="FP-MDLM peak LR")
     p.add_argument("--budgets", type=int, nargs="+", default=[96, 192, 384, 768], help="sweep budgets")
     p.add_argument("--samples", type=int, default=16, help="samples per sweep point")
+    p.add_argument("--fp-iters", type=int, nargs="+", default=[2, 4, 8],
+                   help="FP models: mean iterations per step tried at each budget (best kept)")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--only", choices=["tokenizer", "train", "post", "sweep"], help="run one stage")

@@ -109,7 +109,7 @@ def run_sweep(args) -> tuple[list[SweepPoint], dict]:
             for r in reuse_modes
             for s in args.fp_schedule
             for b in args.budgets
-            for t in step_grid(model.config, b)
+            for t in step_grid(model.config, b, tuple(args.fp_iters))
         ]
         for reuse, sched, budget, steps in tqdm(jobs, desc=name):
             key = f"{name}|{reuse}|{sched}|{budget}|{steps}|n{args.num_samples}|L{args.seq_len}|s{args.seed}"
@@ -292,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["decreasing"],
         choices=list(FP_SCHEDULES),
         help="iteration allocations across steps",
+    )
+    sw.add_argument(
+        "--fp-iters",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4, 8],
+        help="FP models: mean iterations per step to try at each budget (each gives a step count)",
     )
     sw.add_argument("--num-samples", type=int, default=32, help="samples per point")
     sw.add_argument("--seq-len", type=int, default=128, help="sample length in tokens")
