@@ -132,3 +132,24 @@ def test_convert_mdlm_owt_example_runs_the_recipe_on_a_tiny_checkpoint(mdlm, tmp
     reset_accelerate()
     with pytest.raises(ValueError, match="--global-batch 5"):
         convert_mdlm_owt.main(argv[:-2] + ["--global-batch", "5", "--output", str(tmp_path / "x")])
+
+
+def test_generate_images_writes_one_column_per_class(tmp_path):
+    import generate_images
+    from test_images import NUM_CLASSES, K
+    from test_images import tiny_model as tiny_image_model
+
+    from fpmgm_hf import VQVAEConfig, VQVAEModel
+
+    tiny_image_model().save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    VQVAEModel(VQVAEConfig(codebook_size=K, hidden_channels=8, code_dim=4)).save_pretrained(tmp_path / "m" / "vq")
+    out = generate_images.main(["--model", str(tmp_path / "m"), "--rows", "2", "--budget", "12",
+                                "--out", str(tmp_path / "grid.png")])
+    data = Path(out).read_bytes()
+    assert data.startswith(b"\x89PNG")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    import numpy as np
+
+    expected = generate_images.tile(np.zeros((2 * NUM_CLASSES, 28, 28), np.uint8), cols=NUM_CLASSES).shape
+    assert (height, width) == expected  # one column per class, --rows rows of 28x28 images
