@@ -255,7 +255,7 @@ def split_data(args, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tenso
 
 def cka_mapping(teacher, x0, num_pre, num_fp, num_post, seed):
     """Average layer CKA over masked copies of x0 at t in CKA_TIMES, then the mapping rule."""
-    from fpmgm_hf.mdlm_import import linear_cka_matrix, pick_mapping_from_cka
+    from fpmgm_hf.layer_mapping import linear_cka_matrix, pick_mapping_from_cka
 
     g = torch.Generator().manual_seed(seed)
     mats = []
@@ -343,7 +343,7 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
             if card is not None:
                 card.save(str(tmp / "README.md"))
             if cka is not None:
-                from fpmgm_hf.mdlm_import import save_cka_png
+                from fpmgm_hf.layer_mapping import save_cka_png
 
                 torch.save(cka, tmp / "cka.pt")
                 report["cka_png"] = save_cka_png(cka, tmp / "cka.png")
@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint, map_layers
+    from fpmgm_hf.layer_mapping import map_layers
+    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint
 
     # Like Accelerator: ACCELERATE_USE_CPU=1 (e.g. under torchrun on CPU) must give a multi-CPU state here too,
     # otherwise every process would see itself as the main process.

@@ -174,7 +174,8 @@ def test_lora_trains_adapters_and_merges(assets, tmp_path):
     assert report["finetune"]["lora_alpha"] == 4
 
     from fpmgm_hf import FPMGMForMaskedGeneration
-    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint, map_layers
+    from fpmgm_hf.layer_mapping import map_layers
+    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint
 
     merged = FPMGMForMaskedGeneration.from_pretrained(str(out))
     before = map_layers(load_mdlm_checkpoint(str(assets["mdlm"])), "1,2,3", 1, 1, 1, seed=0).state_dict()

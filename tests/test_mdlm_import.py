@@ -20,16 +20,13 @@ import torch.nn.functional as F
 from remote_helpers import run_isolated
 from safetensors.torch import save_file
 
+from fpmgm_hf.layer_mapping import linear_cka_matrix, map_layers, pick_mapping_from_cka, save_cka_png
 from fpmgm_hf.mdlm_import import (
     MDLMCheckpointError,
     convert_mdlm_state_dict,
-    linear_cka_matrix,
     load_mdlm_checkpoint,
-    map_layers,
     mdlm_config_to_fpmgm,
     mdlm_parameter_names,
-    pick_mapping_from_cka,
-    save_cka_png,
 )
 
 H, HEADS, BLOCKS, COND, VOCAB, LENGTH = 32, 4, 3, 16, 40, 64

@@ -1,6 +1,6 @@
 """Adapting a converted FP-MDLM to its MDLM teacher (arXiv 2605.31215, §3.4 and App. D.1.2).
 
-The student (the FP-MDLM built by `fpmgm_hf.mdlm_import.map_layers`) sees a noisier canvas z_s at t_s; the
+The student (the FP-MDLM built by `fpmgm_hf.layer_mapping.map_layers`) sees a noisier canvas z_s at t_s; the
 frozen teacher (the original MDLM) sees a cleaner, nested canvas z_c at t_c < t_s built from the same
 per-token uniforms. The loss is
 
