@@ -210,10 +210,10 @@ def stage_sweep(args, out):
             str(out / "sweep" / name),
         ]
         run(cmd, out / "sweep.log", out, f"sweep:{name}", os.cpu_count() or 2)
-    merge_sweeps(out)
+    merge_sweeps(out, args.docs)
 
 
-def merge_sweeps(out: Path) -> None:
+def merge_sweeps(out: Path, docs: str | None = None) -> None:
     from fpmgm_hf.evaluation import SweepPoint, markdown_table, plot
 
     points, lm = [], {}
@@ -230,6 +230,46 @@ def merge_sweeps(out: Path) -> None:
     (out / "results.md").write_text(markdown_table(points, lm))
     plot(points, out / "quality_vs_budget.png", title=f"Shakespeare, CPU scale; eval LM {lm.get('name')}")
     print((out / "results.md").read_text())
+    if docs:
+        write_report(out, Path(docs))
+
+
+def _val_curve(log: Path) -> str:
+    """'first -> ... -> last' validation PPL of a training log."""
+    if not log.exists():
+        return "n/a"
+    vals = [json.loads(line) for line in log.read_text().splitlines()]
+    ppl = [(r["step"], r["val_ppl"]) for r in vals if "val_ppl" in r]
+    return " → ".join(f"{v:.0f} (step {s})" for s, v in ppl[:: max(1, len(ppl) // 5)] + ppl[-1:]) if ppl else "n/a"
+
+
+def write_report(out: Path, docs: Path) -> None:
+    """docs/…/README.md: the table, the plot, every stage's command and wall time, the validation curves."""
+    import shutil
+
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "quality_vs_budget.png", docs / "quality_vs_budget.png")
+    stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    lines = ["# Small-scale reproduction of the paper's text comparison (Tables 2 and 9)", "",
+             f"Written by `bench/reproduce_text.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from "
+             f"`{out}`. Machine: the project's 2-core CPU (no GPU); stages ran two at a time, one thread each.", "",
+             (out / "results.md").read_text(), "![quality vs budget](quality_vs_budget.png)", "",
+             "## Validation perplexity during training (NELBO bound, same held-out blocks)", "",
+             "| model | validation PPL |", "|---|---|"]
+    for name, sub in (("MDLM 12/0/0", "mdlm"), ("FP-MDLM 1/1/1", "fp"), ("+ L_CONS stage", "cons")):
+        lines.append(f"| {name} | {_val_curve(out / sub / 'log.jsonl')} |")
+    conv = out / "conv" / "conversion.json"
+    if conv.exists():
+        c = json.loads(conv.read_text())
+        lines.append(f"| converted (teacher NELBO {c['verify_before']['teacher_nelbo']:.3f}) | NELBO "
+                     f"{c['verify_before']['converted_nelbo']:.3f} before fine-tuning → "
+                     f"{c['verify_after']['converted_nelbo']:.3f} after |")
+    lines += ["", "## Stages (commands, seeds, wall-clock time)", "", "| stage | seconds | command |", "|---|---|---|"]
+    for s in stages:
+        cmd = " ".join(str(c).replace(str(ROOT) + "/", "") for c in s.get("cmd", []))
+        lines.append(f"| {s['stage']} | {s['seconds']:.0f} | `{cmd}` |")
+    (docs / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {docs / 'README.md'}")
 
 
 def main():
@@ -247,13 +287,15 @@ def main():
                    help="FP models: mean iterations per step tried at each budget (best kept)")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    p.add_argument("--only", choices=["tokenizer", "train", "post", "sweep"], help="run one stage")
+    p.add_argument("--only", choices=["tokenizer", "train", "post", "sweep", "report"], help="run one stage")
+    p.add_argument("--docs", default="docs/reproduction", help="where the published report goes ('' = nowhere)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "sweep": stage_sweep}
+    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "sweep": stage_sweep,
+              "report": lambda a, o: merge_sweeps(o, a.docs)}
     for name, fn in stages.items():
-        if args.only in (None, name):
+        if args.only == name or (args.only is None and name != "report"):
             fn(args, out)
 
 
