@@ -224,3 +224,27 @@ def test_cli_train_then_encode(tmp_path, capsys):
         model = VQVAEModel.from_pretrained(out)
         x = load_image_dataset("mnist", "test")[0][:5]
         assert np.array_equal(data["tokens"][:5].reshape(5, -1), model.encode(x).numpy())
+
+
+def test_reconstruction_fid_uses_reconstructions_and_reports_the_floor(monkeypatch):
+    import fpmgm_hf.metrics as metrics
+    from fpmgm_hf.vq import reconstruction_fid
+
+    class PooledPixels:  # stands in for the Inception net (a slow, asset-backed test covers that net)
+        def __init__(self, batch_size):
+            pass
+
+        def __call__(self, imgs):
+            x = torch.as_tensor(np.asarray(imgs)).double().view(len(imgs), 1, 28, 28)
+            return torch.nn.functional.avg_pool2d(x, 7).flatten(1)  # (N, 16)
+
+    monkeypatch.setattr(metrics, "InceptionFeatures", PooledPixels)
+    x = _mnist(80)
+    out = reconstruction_fid(tiny_vq(), x, 40)
+    feats = PooledPixels(0)
+    recon = (tiny_vq()(torch.as_tensor(x[:40])).reconstruction[:, 0].clamp(0, 1) * 255).round().to(torch.uint8)
+    assert out["rfid"] == pytest.approx(metrics.fid_from_features(feats(x[:40]), feats(recon.numpy())), rel=1e-9)
+    assert out["floor"] == pytest.approx(metrics.fid_from_features(feats(x[:40]), feats(x[40:80])), rel=1e-9)
+    assert out["rfid"] > out["floor"]  # an untrained tokenizer reconstructs badly
+    with pytest.raises(ValueError, match="num_images"):
+        reconstruction_fid(tiny_vq(), x, 41)

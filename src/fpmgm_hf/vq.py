@@ -51,6 +51,26 @@ __all__ = [
 ]
 
 
+def reconstruction_fid(model: VQVAEModel, images, num_images: int, batch_size: int = 500) -> dict[str, float]:
+    """FID between the first `num_images` of `images` (uint8) and their reconstructions, through the TF-FID
+    Inception net, with the same-N floor FID(those images vs the next `num_images`): small-N FID is biased
+    upwards, so read rFID against the floor."""
+    from .metrics import InceptionFeatures, fid_from_features
+
+    images = np.asarray(images)
+    if not 2 <= num_images <= len(images) // 2:
+        raise ValueError(f"`num_images`={num_images} must be in [2, {len(images) // 2}] (half the split).")
+    real = images[:num_images]
+    with torch.no_grad():
+        recon = torch.cat([model(torch.as_tensor(real[i : i + batch_size])).reconstruction
+                           for i in range(0, num_images, batch_size)])
+    recon = (recon[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    inception = InceptionFeatures(batch_size=50)
+    feats = inception(real)
+    return {"rfid": fid_from_features(feats, inception(recon)), "num_images": num_images,
+            "floor": fid_from_features(feats, inception(images[num_images : 2 * num_images]))}
+
+
 def _load_images(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if dataset not in DATASETS:
         raise ValueError(f"`dataset`={dataset!r} is invalid; allowed: {list(DATASETS)}.")
@@ -297,6 +317,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--split", choices=("train", "test"), default="train" if p is en else "test")
         p.add_argument("--threads", type=int, default=None)
     en.add_argument("--out", required=True, help="output .npz path")
+    ev.add_argument("--fid-images", type=int, default=0,
+                    help="also compute the reconstruction FID on this many images (with its same-N floor)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -329,7 +351,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = VQVAEModel.from_pretrained(args.model, dtype=torch.float32).eval()
     images, labels = _load_images(args.dataset, args.split)
     if args.command == "eval":
-        print(json.dumps(evaluate_reconstruction(model, images)))
+        result = evaluate_reconstruction(model, images)
+        if args.fid_images:
+            result.update(reconstruction_fid(model, images, args.fid_images))
+        print(json.dumps(result))
         return 0
     t0 = time.perf_counter()
     tokens = encode_dataset(model, images, progress=True)
