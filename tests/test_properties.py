@@ -32,6 +32,7 @@ CONFIG_FIELDS = [
     "num_fp_layers",
     "num_post_layers",
     "injection",
+    "fp_state_norm",
     "fp_solver",
     "fp_max_iter",
     "fp_tol",
