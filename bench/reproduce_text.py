@@ -107,56 +107,30 @@ def stage_train(args, out):
     _parallel(jobs, out)
 
 
+def cons_cmd(args, out: Path) -> list[str]:
+    """The consistency stage on the pretrained FP-MDLM (lambda 0.1 ramped over a fifth, 15% PPL-rise stop)."""
+    extra = ["--from", str(out / "fp" / "final"), "--consistency-weight", "0.1",
+             "--consistency-warmup", str(args.cons_steps // 5), "--stop-ppl-rise", "0.15"]
+    cmd = train_cmd(args, out, "cons", (1, 1, 1), args.lr_fp, args.cons_steps, extra)
+    i = cmd.index("--config")
+    del cmd[i : i + 2]  # --from brings its own config
+    return cmd
+
+
+def conv_cmd(args, out: Path) -> list[str]:
+    """The trained MDLM converted with conversion/convert.py: layers 1, 6, 12 -> 1/1/1, distillation."""
+    return [PY, "conversion/convert.py", "--mdlm", str(out / "mdlm" / "final"), "--map", "1,6,12",
+            "--layers", "1/1/1", "--tokenizer", str(out / "tokenizer"), "--data", "shakespeare", "--seq-len", "128",
+            "--steps", str(args.conv_steps), "--batch-size", str(args.batch), "--kl-warmup", str(args.conv_steps // 5),
+            "--seed", str(args.seed), "--output", str(out / "conv"), "--overwrite"]
+
+
 def stage_post(args, out):
     jobs = []
     if not (out / "cons" / "final").is_dir():
-        extra = [
-            "--from",
-            str(out / "fp" / "final"),
-            "--consistency-weight",
-            "0.1",
-            "--consistency-warmup",
-            str(args.cons_steps // 5),
-            "--stop-ppl-rise",
-            "0.15",
-        ]
-        cmd = train_cmd(args, out, "cons", (1, 1, 1), args.lr_fp, args.cons_steps, extra)
-        i = cmd.index("--config")
-        del cmd[i : i + 2]  # --from brings its own config
-        jobs.append(("cons", cmd))
+        jobs.append(("cons", cons_cmd(args, out)))
     if not (out / "conv" / "config.json").exists():
-        jobs.append(
-            (
-                "conv",
-                [
-                    PY,
-                    "conversion/convert.py",
-                    "--mdlm",
-                    str(out / "mdlm" / "final"),
-                    "--map",
-                    "1,6,12",
-                    "--layers",
-                    "1/1/1",
-                    "--tokenizer",
-                    str(out / "tokenizer"),
-                    "--data",
-                    "shakespeare",
-                    "--seq-len",
-                    "128",
-                    "--steps",
-                    str(args.conv_steps),
-                    "--batch-size",
-                    str(args.batch),
-                    "--kl-warmup",
-                    str(args.conv_steps // 5),
-                    "--seed",
-                    str(args.seed),
-                    "--output",
-                    str(out / "conv"),
-                    "--overwrite",
-                ],
-            )
-        )
+        jobs.append(("conv", conv_cmd(args, out)))
     _parallel(jobs, out)
 
 
