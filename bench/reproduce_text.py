@@ -241,7 +241,8 @@ def write_report(out: Path, docs: Path) -> None:
     lines += ["", "## Stages (commands, seeds, wall-clock time)", "", "| stage | seconds | command |", "|---|---|---|"]
     for s in stages:
         cmd = " ".join(str(c).replace(str(ROOT) + "/", "") for c in s.get("cmd", []))
-        lines.append(f"| {s['stage']} | {s['seconds']:.0f} | `{cmd}` |")
+        failed = " (failed; rerun below)" if s.get("returncode") else ""
+        lines.append(f"| {s['stage']}{failed} | {s['seconds']:.0f} | `{cmd}` |")
     (docs / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {docs / 'README.md'}")
 

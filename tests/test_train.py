@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from fpmgm_hf import FPMGMForMaskedGeneration
 from fpmgm_hf.train import Trainer, check_resume, main
@@ -260,3 +261,13 @@ def test_tensorboard_scalars_when_installed(assets, tmp_path, monkeypatch):
     run(base_args(assets, out, **{"--max-steps": 2, "--save-every": 0}))
     assert calls[0] == ("init", str(out / "tensorboard"))
     assert ("loss", 1) in calls and ("loss", 2) in calls and ("val_nelbo", 2) in calls
+
+
+def test_sample_entropy_is_nan_not_a_crash_when_sampling_diverges():
+    model = FPMGMForMaskedGeneration(tiny_config()).eval()  # identity injection, scaled: f(z) = 1e20 z
+    with torch.no_grad():
+        model.model.injection.fc2.weight.mul_(1e20)
+    stub = types.SimpleNamespace(args=types.SimpleNamespace(seed=0, seq_len=8, sample_steps=4))
+    assert math.isnan(Trainer.sample_entropy(stub, model))
+    healthy = FPMGMForMaskedGeneration(tiny_config()).eval()
+    assert Trainer.sample_entropy(stub, healthy) >= 0
