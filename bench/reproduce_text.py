@@ -214,7 +214,11 @@ def _val_curve(log: Path) -> str:
         return "n/a"
     vals = [json.loads(line) for line in log.read_text().splitlines()]
     ppl = [(r["step"], r["val_ppl"]) for r in vals if "val_ppl" in r]
-    return " → ".join(f"{v:.0f} (step {s})" for s, v in ppl[:: max(1, len(ppl) // 5)] + ppl[-1:]) if ppl else "n/a"
+    if not ppl:
+        return "n/a"
+    shown = ppl[:: max(1, len(ppl) // 5)]
+    shown += [] if shown[-1] == ppl[-1] else ppl[-1:]
+    return " → ".join(f"{v:.0f} (step {s})" for s, v in shown)
 
 
 def write_report(out: Path, docs: Path) -> None:
@@ -241,8 +245,11 @@ def write_report(out: Path, docs: Path) -> None:
     lines += ["", "## Stages (commands, seeds, wall-clock time)", "", "| stage | seconds | command |", "|---|---|---|"]
     for s in stages:
         cmd = " ".join(str(c).replace(str(ROOT) + "/", "") for c in s.get("cmd", []))
-        failed = " (failed; rerun below)" if s.get("returncode") else ""
-        lines.append(f"| {s['stage']}{failed} | {s['seconds']:.0f} | `{cmd}` |")
+        note = " (failed; rerun below)" if s.get("returncode") else ""
+        note += f" ({s['note']})" if s.get("note") else ""
+        lines.append(f"| {s['stage']}{note} | {s['seconds']:.0f} | `{cmd}` |")
+    if (docs / "findings.md").exists():  # hand-written analysis kept next to the generated report
+        lines += ["", (docs / "findings.md").read_text()]
     (docs / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {docs / 'README.md'}")
 
