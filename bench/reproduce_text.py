@@ -257,15 +257,15 @@ def write_report(out: Path, docs: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/repro", help="output folder (re-runs resume)")
-    p.add_argument("--steps", type=int, default=1500, help="pretraining steps of MDLM and FP-MDLM")
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps of MDLM and FP-MDLM")
     p.add_argument("--cons-steps", type=int, default=250, help="consistency-stage steps")
     p.add_argument("--conv-steps", type=int, default=250, help="conversion fine-tuning steps")
     p.add_argument("--batch", type=int, default=8, help="blocks of 128 tokens per step")
     p.add_argument("--lr-mdlm", type=float, default=1e-3, help="MDLM peak LR (paper ratio MDLM:FP = 3:2)")
     p.add_argument("--lr-fp", type=float, default=6.7e-4, help="FP-MDLM peak LR")
     p.add_argument("--budgets", type=int, nargs="+", default=[96, 192, 384, 768], help="sweep budgets")
-    p.add_argument("--samples", type=int, default=16, help="samples per sweep point")
-    p.add_argument("--fp-iters", type=int, nargs="+", default=[2, 4, 8],
+    p.add_argument("--samples", type=int, default=8, help="samples per sweep point")
+    p.add_argument("--fp-iters", type=int, nargs="+", default=[2, 8],
                    help="FP models: mean iterations per step tried at each budget (best kept)")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
