@@ -18,6 +18,14 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, mask_token="[MASK]", eos_token="w0", pad_token="w0")
 
 
+def tiny_lm(path):
+    """A one-layer GPT-2 over the tiny vocabulary, saved with its tokenizer: a local evaluation LM."""
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def test_step_grid():
     assert step_grid(tiny_model().config, 96) == [9, 16, 24, 32]  # 96 // (2 + n) for n = 8, 4, 2, 1
     assert step_grid(tiny_model(num_pre_layers=12, num_fp_layers=0, num_post_layers=0).config, 96) == [8]
@@ -29,10 +37,7 @@ def test_sweep_writes_tables_plots_samples_and_resumes(tmp_path):
         model = tiny_model(**kw)
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    tiny_lm(tmp_path / "lm")
     out = tmp_path / "sweep"
     argv = [
         "sweep",
@@ -91,10 +96,7 @@ def test_sweep_records_diverging_points_and_keeps_going(tmp_path):
         model.model.injection.fc2.weight.mul_(1e6)
     model.save_pretrained(tmp_path / "bad")
     tok.save_pretrained(tmp_path / "bad")
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    tiny_lm(tmp_path / "lm")
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", str(tmp_path / "bad"), "--names", "bad", "--budgets", "6", "48", "--reuse", "full",
             "--num-samples", "2", "--seq-len", "8", "--batch-size", "2", "--eval-lm", str(tmp_path / "lm"),

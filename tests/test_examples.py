@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MASK, VOCAB, tiny_model
+from conftest import MASK, tiny_model
 from test_convert import make_assets, reset_accelerate
-from test_evaluation import tiny_tokenizer
+from test_evaluation import tiny_lm, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 
@@ -55,22 +55,13 @@ def test_generate_text_refuses_a_canvas_without_room(tmp_path):
     assert torch.is_tensor(generate_text.build_canvas(tok, "w1", "w2", 4))
 
 
-def _tiny_lm(path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_budget_sweep_scores_every_budget_and_reuse_mode(tmp_path):
     import budget_sweep
 
     tiny_model().save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     rows = budget_sweep.main(["--model", str(tmp_path / "m"), "--budgets", "12", "24", "--reuse", "none", "3sr",
-                              "--samples", "2", "--length", "8", "--eval-lm", str(_tiny_lm(tmp_path / "lm"))])
+                              "--samples", "2", "--length", "8", "--eval-lm", str(tiny_lm(tmp_path / "lm"))])
     assert [(r["budget"], r["reuse"]) for r in rows] == [(12, "none"), (12, "3sr"), (24, "none"), (24, "3sr")]
     assert all(0 < r["block_passes"] <= r["budget"] and r["gen_ppl"] > 1 and r["entropy"] >= 0 for r in rows)
 

@@ -18,7 +18,7 @@ from remote_helpers import run_isolated
 from safetensors.torch import load_file
 from test_convert import argv as convert_argv
 from test_convert import convert, make_assets, read_log, train_losses
-from test_evaluation import tiny_tokenizer
+from test_evaluation import tiny_lm
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded by every Python process the test starts (PYTHONPATH): slows each optimizer step so that a kill
@@ -83,20 +83,11 @@ def test_converter_killed_with_sigkill_resumes_bit_identically(assets, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _tiny_lm(path: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "examples/demo.py", "--out", str(out), "--data", str(assets["data"]), "--vocab-size",
            "300", "--hidden-size", "32", "--seq-len", "16", "--batch-size", "2", "--steps", "12", "--save-every", "3",
-           "--convert-steps", "2", "--budgets", "12", "--samples", "2", "--eval-lm", str(_tiny_lm(tmp_path / "lm"))]
+           "--convert-steps", "2", "--budgets", "12", "--samples", "2", "--eval-lm", str(tiny_lm(tmp_path / "lm"))]
     ckpts = out / "mdlm" / "checkpoints"
     _kill_when(_spawn(cmd, tmp_path, slow=True), lambda: (ckpts / "step_3").is_dir())
     assert not (out / "mdlm" / "final").exists()

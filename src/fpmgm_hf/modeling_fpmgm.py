@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_fpmgm import FPMGMConfig
 from .generation_fpmgm import FPMGMGenerationMixin
 from .solver_fpmgm import SolverStats, get_solver, relative_residual
-from .validation_fpmgm import check_local_weights
+from .validation_fpmgm import CheckedWeightsMixin
 
 Tensor = torch.Tensor
 
@@ -309,19 +309,13 @@ class FPMGMFinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------- models
 
 
-class FPMGMPreTrainedModel(PreTrainedModel):
+class FPMGMPreTrainedModel(CheckedWeightsMixin, PreTrainedModel):
     config_class = FPMGMConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FPMGMBlock"]
     _supports_sdpa = True
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # A truncated copy or download would otherwise surface as a bare safetensors header error.
-        check_local_weights(cls.__name__, pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
         std = self.config.initializer_range

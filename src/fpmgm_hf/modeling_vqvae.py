@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_vqvae import VQVAEConfig
-from .validation_fpmgm import check_local_weights
+from .validation_fpmgm import CheckedWeightsMixin
 
 Tensor = torch.Tensor
 
@@ -163,17 +163,11 @@ class VQVAEQuantizer(nn.Module):
         return quant.view(b, h, w, d).permute(0, 3, 1, 2), ids.view(b, h * w), commitment, perplexity
 
 
-class VQVAEPreTrainedModel(PreTrainedModel):
+class VQVAEPreTrainedModel(CheckedWeightsMixin, PreTrainedModel):
     config_class = VQVAEConfig
     base_model_prefix = "vqvae"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # A truncated copy or download would otherwise surface as a bare safetensors header error.
-        check_local_weights(cls.__name__, pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module):
         # Called per leaf module (custom code): convs get PyTorch's default scheme, the quantiser a small normal

@@ -1,5 +1,6 @@
-"""Config validation helpers shared by the Hub-side configs: every failure is a `ValueError` naming the
-config class, the field, the value and what is allowed. NaN never passes a numeric check.
+"""Validation shared by the Hub-side files: config checks (every failure is a `ValueError` naming the config
+class, the field, the value and what is allowed; NaN never passes a numeric check) and the weight-file check
+behind `CheckedWeightsMixin.from_pretrained`.
 
 Hub-portable: standard library only.
 """
@@ -102,3 +103,13 @@ def check_local_weights(owner: str, name_or_path, subfolder: str = "") -> None:
     if bad:
         raise OSError(f"{owner}.from_pretrained: truncated or corrupt weights in {folder!r}:\n  " + "\n  ".join(bad)
                       + "\nRe-save the model or download it again (force_download=True).")
+
+
+class CheckedWeightsMixin:
+    """Put before `PreTrainedModel`: `from_pretrained` on a local folder first checks its weight files, so a
+    truncated copy or download is reported by name instead of as a bare safetensors header error."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        check_local_weights(cls.__name__, pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
