@@ -62,9 +62,10 @@ def main():
     p.add_argument("--no-savings", action="store_true", help="skip the cache / adaptive-stopping section")
     p.add_argument(
         "--injection",
-        default="concat_mlp",
-        choices=["concat_mlp", "add", "none"],
-        help="FP-MDLM input injection (concat_mlp adds 4*D^2 multiply-adds per token and iteration)",
+        default="constrained",
+        choices=["constrained", "concat_mlp", "add", "none"],
+        help="FP-MDLM input injection (default constrained: elementwise; concat_mlp adds 4*D^2 multiply-adds "
+        "per token and iteration)",
     )
     args = p.parse_args()
     if args.threads:

@@ -40,7 +40,7 @@ SN = "FP-MaskGIT 4/1/4 + state norm"
 MODELS = {  # name -> (preset of a model trained from scratch, or None; the model a CoFRe stage continues)
     "MaskGIT-12": ("maskgit-tiny-12", None),
     "MaskGIT-24": ("maskgit-tiny-24", None),
-    "FP-MaskGIT 4/1/4": ("fp-maskgit-tiny", None),
+    "FP-MaskGIT 4/1/4": ("fp-maskgit-tiny-paper", None),
     SN: ("fp-maskgit-tiny-sn", None),
     SN + " + CoFRe": (None, SN),
 }

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1-based MDLM layers for the pre, shared fixed-point and post blocks, in order "
                         "(num_pre + num_fp + num_post ids), or 'auto' to choose them from the layer CKA")
     p.add_argument("--layers", default="1/1/1", help="block counts num_pre/num_fp/num_post of the FP-MDLM")
-    p.add_argument("--injection", default="concat_mlp", choices=["concat_mlp", "add", "none"],
-                   help="input injection of the shared block (initialised close to the identity)")
+    p.add_argument("--injection", default="constrained", choices=["constrained", "concat_mlp", "add", "none"],
+                   help="input injection of the shared block: 'constrained' (default; a contraction in the state, "
+                        "exact identity at one iteration) or the paper's 'concat_mlp' (close to the identity)")
     p.add_argument("--fp-max-iter", type=int, default=None,
                    help="solver iterations per forward of the saved model (default: the config default)")
     p.add_argument("--output", required=True, help="output folder (written atomically)")

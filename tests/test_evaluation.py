@@ -91,7 +91,8 @@ def test_sweep_records_diverging_points_and_keeps_going(tmp_path):
     from fpmgm_hf import FPMGMForMaskedGeneration
 
     tok = tiny_tokenizer()
-    model = FPMGMForMaskedGeneration(tiny_config())  # identity injection: f(z) = 1e6 z; full reuse carries z
+    # identity concat injection: f(z) = 1e6 z; full reuse carries z (safety net off, as in older checkpoints)
+    model = FPMGMForMaskedGeneration(tiny_config(injection="concat_mlp", fp_divergence_patience=None))
     with torch.no_grad():
         model.model.injection.fc2.weight.mul_(1e6)
     model.save_pretrained(tmp_path / "bad")

@@ -25,22 +25,29 @@ def explicit_head(model, z, c, rope):
     return model.lm_head(z, c)
 
 
+def explicit_injection(inj, z, h_pre):
+    """The injections written out from their definitions."""
+    if inj.kind == "concat_mlp":  # fc2(GELU(fc1([z, G(h_pre)])))
+        return inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h_pre)], dim=-1))))
+    A = torch.exp(-torch.exp(inj.decay_log))  # constrained: A z + (1 - A) G(h_pre)
+    return A * z + (1 - A) * inj.proj(h_pre)
+
+
+@pytest.mark.parametrize("injection", ["constrained", "concat_mlp"])
 @pytest.mark.parametrize("state_norm", [False, True])
-def test_k_picard_iterations_equal_an_explicit_loop(state_norm):
-    model = tiny_model(fp_state_norm=state_norm)
+def test_k_picard_iterations_equal_an_explicit_loop(state_norm, injection):
+    model = tiny_model(fp_state_norm=state_norm, injection=injection)
     x = torch.randint(0, VOCAB, (2, 9))
     K = 5
     with torch.no_grad():
         h_pre, c, rope = explicit_parts(model, x)
         inj = model.model.injection
-        g_pre = inj.proj(h_pre)
         z = h_pre
-        for _ in range(K):  # the injection written out: fc2(GELU(fc1([z, G(h_pre)])))
+        for _ in range(K):
             if state_norm:
                 w = model.model.fp_norm.weight
                 z = torch.nn.functional.layer_norm(z, (z.shape[-1],), w, None, 1e-5)
-            z_in = inj.fc2(inj.act(inj.fc1(torch.cat([z, g_pre], dim=-1))))
-            z = model.model.fp_blocks[0](z_in, c, rope, None)
+            z = model.model.fp_blocks[0](explicit_injection(inj, z, h_pre), c, rope, None)
         expected = explicit_head(model, z, c, rope)
         out = model(x, fp_iters=K)
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
@@ -51,7 +58,8 @@ def test_k_picard_iterations_equal_an_explicit_loop(state_norm):
 
 @pytest.mark.parametrize("state_norm", [False, True])
 def test_state_norm_keeps_an_expanding_map_bounded(state_norm):
-    model = FPMGMForMaskedGeneration(tiny_config(fp_state_norm=state_norm)).eval()  # identity injection
+    config = tiny_config(injection="concat_mlp", fp_state_norm=state_norm, fp_divergence_patience=None)
+    model = FPMGMForMaskedGeneration(config).eval()  # identity injection
     with torch.no_grad():
         model.model.injection.fc2.weight.mul_(3.0)  # the map now inflates the state at every iteration
     x = torch.randint(0, VOCAB, (2, 9))
@@ -78,7 +86,7 @@ def test_plain_stack_equals_explicit_blocks():
 
 
 def test_concat_mlp_injection_starts_as_identity_in_z():
-    model = FPMGMForMaskedGeneration(tiny_config())
+    model = FPMGMForMaskedGeneration(tiny_config(injection="concat_mlp"))
     inj = model.model.injection
     z, h = torch.randn(2, 5, 32), torch.zeros(2, 5, 32)
     inj.proj.bias.data.zero_()
@@ -93,8 +101,9 @@ def grads_of(model, x, **kw):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_sjfb_gradients_flow_only_through_graph_iterations():
-    model = tiny_model(fp_train_nograd_iters=(3, 3), fp_train_grad_iters=(2, 2)).train()
+@pytest.mark.parametrize("injection", ["constrained", "concat_mlp"])
+def test_sjfb_gradients_flow_only_through_graph_iterations(injection):
+    model = tiny_model(fp_train_nograd_iters=(3, 3), fp_train_grad_iters=(2, 2), injection=injection).train()
     x = torch.randint(0, VOCAB, (2, 8))
     got = grads_of(model, x, generator=torch.Generator().manual_seed(0))
 
@@ -102,9 +111,7 @@ def test_sjfb_gradients_flow_only_through_graph_iterations():
     model.zero_grad()
     h_pre, c, rope = explicit_parts(model, x)
     inj = model.model.injection
-    step = lambda z: model.model.fp_blocks[0](
-        inj.fc2(inj.act(inj.fc1(torch.cat([z, inj.proj(h_pre)], -1)))), c, rope, None
-    )  # noqa: E731
+    step = lambda z: model.model.fp_blocks[0](explicit_injection(inj, z, h_pre), c, rope, None)  # noqa: E731
     with torch.no_grad():
         z = h_pre
         for _ in range(3):
@@ -272,4 +279,7 @@ def test_mdlm_small_parameter_count_matches_upstream():
     from param_count import count
 
     assert count(num_pre_layers=12, num_fp_layers=0, num_post_layers=0) == 169_627_218
-    assert count(num_pre_layers=1, num_fp_layers=1, num_post_layers=1) == 104_659_794
+    assert count(num_pre_layers=1, num_fp_layers=1, num_post_layers=1, injection="concat_mlp") == 104_659_794
+    # constrained: one D x D projection (+ bias) and a per-channel decay on top of the three blocks
+    assert count(num_pre_layers=1, num_fp_layers=1, num_post_layers=1) == 104_659_794 - (
+        (2 * 768) * (2 * 768) + 2 * 768 + (2 * 768) * 768 + 768) + 768

@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from .validation_fpmgm import check_float, check_int, check_range, fail
 
-INJECTIONS = ("concat_mlp", "add", "none")
+INJECTIONS = ("constrained", "concat_mlp", "add", "none")
 SOLVERS = ("picard", "anderson")
 POSITION_ENCODINGS = ("rope_1d", "rope_2d")
 
@@ -44,9 +44,15 @@ class FPMGMConfig(PretrainedConfig):
             null class (id `num_classes`) for classifier-free guidance.
         tie_word_embeddings (`bool`, defaults to False): tie the output projection to the input embedding.
         num_pre_layers / num_fp_layers / num_post_layers (`int`, defaults to 1/1/1): block counts.
-        injection (`str`, defaults to `"concat_mlp"`): how the shared block sees `h_pre`: `"concat_mlp"`
-            (Linear G, then MLP(concat(z, G(h_pre))) 2D->2D->D initialised to the identity in z), `"add"`
+        injection (`str`, defaults to `"constrained"`): how the shared block sees `h_pre`:
+            `"constrained"`: `A * z + (1 - A) * G(h_pre)` with a per-channel `A = exp(-exp(a))` in (0, 1) and a
+            Linear G initialised to the identity. The linear part is a contraction by construction and the
+            pre-LN block adds a bounded amount, so the state stays bounded; at one iteration from `h_pre` the
+            map is exactly `block(h_pre)` (exact MDLM conversion). Elementwise cost per iteration.
+            `"concat_mlp"`: the paper's (FPDM's) map, Linear G then MLP(concat(z, G(h_pre))) 2D->2D->D
+            initialised to the identity in z; nothing bounds its gain (see docs/stability). `"add"`
             (z + G(h_pre)) or `"none"`.
+        fp_decay_init (`float`, defaults to 0.5): initial `A` of the constrained injection, in (0, 1).
         fp_state_norm (`bool`, defaults to False): LayerNorm the state before the injection, i.e. iterate
             `z <- F(G(LN(z)), h_pre)`. The paper's map (False) has no such norm; nothing then bounds the state, and
             small models trained with few S-JFB iterations inflate it geometrically when iterated longer
@@ -55,6 +61,16 @@ class FPMGMConfig(PretrainedConfig):
         fp_max_iter (`int`, defaults to 8): iterations per forward in eval mode.
         fp_tol (`float` or None, defaults to None): relative-residual stopping threshold per sample;
             None always runs `fp_max_iter` iterations.
+        fp_divergence_patience (`int` or None, defaults to 5): the solver's safety net: a sample whose residual
+            rises this many iterations in a row (or turns non-finite) stops at its best iterate and is flagged in
+            `solver_stats.diverged`; a warm start that is non-finite or far larger than `h_pre` is replaced by
+            `h_pre` (`solver_stats.cold_start`). None restores the strict behaviour (non-finite iterates raise).
+        fp_jacobian_reg (`float`, defaults to 0.0): training only: weight of the Jacobian penalty
+            `||dF/dz||_F^2 / d` at the last S-JFB iterate (one Hutchinson vector, Bai et al. 2021).
+        fp_jacobian_reg_prob (`float`, defaults to 1.0): fraction of training forwards that pay for it.
+        fp_residual_reg (`float`, defaults to 0.0): training only: weight of the relative residual of the last
+            S-JFB graph iteration, `||z_m - z_{m-1}|| / ||z_{m-1}||`.
+            Both penalties come back as `fixed_point_loss` on the output and the objectives add it.
         fp_train_nograd_iters (`(int, int)`, defaults to (0, 4)): S-JFB no-grad iterations ~ U{lo..hi}.
         fp_train_grad_iters (`(int, int)`, defaults to (3, 6)): S-JFB graph iterations ~ U{lo..hi}.
         anderson_memory (`int`, defaults to 5), anderson_beta (`float`, defaults to 1.0),
@@ -90,11 +106,16 @@ class FPMGMConfig(PretrainedConfig):
         num_pre_layers=1,
         num_fp_layers=1,
         num_post_layers=1,
-        injection="concat_mlp",
+        injection="constrained",
+        fp_decay_init=0.5,
         fp_state_norm=False,
         fp_solver="picard",
         fp_max_iter=8,
         fp_tol=None,
+        fp_divergence_patience=5,
+        fp_jacobian_reg=0.0,
+        fp_jacobian_reg_prob=1.0,
+        fp_residual_reg=0.0,
         fp_train_nograd_iters=(0, 4),
         fp_train_grad_iters=(3, 6),
         anderson_memory=5,
@@ -120,10 +141,15 @@ class FPMGMConfig(PretrainedConfig):
         self.num_fp_layers = num_fp_layers
         self.num_post_layers = num_post_layers
         self.injection = injection
+        self.fp_decay_init = fp_decay_init
         self.fp_state_norm = fp_state_norm
         self.fp_solver = fp_solver
         self.fp_max_iter = fp_max_iter
         self.fp_tol = fp_tol
+        self.fp_divergence_patience = fp_divergence_patience
+        self.fp_jacobian_reg = fp_jacobian_reg
+        self.fp_jacobian_reg_prob = fp_jacobian_reg_prob
+        self.fp_residual_reg = fp_residual_reg
         self.fp_train_nograd_iters = fp_train_nograd_iters
         self.fp_train_grad_iters = fp_train_grad_iters
         self.anderson_memory = anderson_memory
@@ -164,6 +190,12 @@ class FPMGMConfig(PretrainedConfig):
             _fail("num_pre_layers", self.num_pre_layers, "layer counts with at least one block in total")
         if self.injection not in INJECTIONS:
             _fail("injection", self.injection, list(INJECTIONS))
+        _check_float("fp_decay_init", self.fp_decay_init, 0, 1, low_open=True, high_open=True)
+        if self.fp_divergence_patience is not None:
+            _check_int("fp_divergence_patience", self.fp_divergence_patience, 1)
+        _check_float("fp_jacobian_reg", self.fp_jacobian_reg, 0, math.inf, high_open=True)
+        _check_float("fp_jacobian_reg_prob", self.fp_jacobian_reg_prob, 0, 1, low_open=True)
+        _check_float("fp_residual_reg", self.fp_residual_reg, 0, math.inf, high_open=True)
         if self.fp_solver not in SOLVERS:
             _fail("fp_solver", self.fp_solver, list(SOLVERS))
         _check_int("fp_max_iter", self.fp_max_iter, 1)

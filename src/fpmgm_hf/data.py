@@ -171,3 +171,38 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return fast
+
+
+CHAR_SPECIALS = ("[UNK]", "<|endoftext|>", "[MASK]")
+
+
+def train_char_tokenizer(texts: list[str], out_dir: Optional[str] = None):
+    """A character-level `PreTrainedTokenizerFast`: every character of `texts` (sorted, so the same corpus always
+    gives the same ids) plus `[UNK]`, `<|endoftext|>` (bos/eos/pad) and `[MASK]`. Decoding fuses the characters
+    back without spaces. Saved to `out_dir` (temp folder, then renamed) when given, so `AutoTokenizer` loads it
+    with no custom code."""
+    import shutil
+    import tempfile
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("".join(texts)) - set(CHAR_SPECIALS))
+    if not chars:
+        raise ValueError("train_char_tokenizer: the texts hold no characters.")
+    vocab = {c: i for i, c in enumerate(chars)}
+    for special in CHAR_SPECIALS:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="[MASK]")
+    if out_dir is not None:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
+        fast.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    return fast

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .objectives import consistency_weight_at, hidden_consistency, nested_masks
+from .objectives import consistency_weight_at, hidden_consistency, nested_masks, with_fixed_point_loss
 from .scheduling_fpmgm import loglinear_sigma
 
 Tensor = torch.Tensor
@@ -95,7 +95,7 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
     nelbo = (nll * weight).sum() / x0.numel()
     kl = tempered_subs_kl(t_logits[rows], s_rows, z_c[rows], x_rows, mask_id, tau)
     kl_mean = kl.sum() / max(int(rows.sum()), 1)
-    loss = nelbo + kl_weight * tau**2 * kl_mean
+    loss = with_fixed_point_loss(nelbo + kl_weight * tau**2 * kl_mean, s_out)
     aux = {"nelbo": nelbo.detach(), "kl": kl_mean.detach(), "t_s": t_s, "t_c": t_c}
     if consistency_weight > 0 or return_consistency:
         own = getattr(student, "module", student)

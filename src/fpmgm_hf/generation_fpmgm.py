@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from .fixed_point_fpmgm import WarmStart
 from .scheduling_fpmgm import (
     FP_SCHEDULES,
     ancestral_step,
@@ -183,8 +184,9 @@ class FPMGMGenerationOutput(ModelOutput):
     num_steps (`int`): denoising steps T.
     nfe (`LongTensor (B,)`): denoiser calls per sample (steps skipped by the cache are not counted).
     budget (`int`): the requested budget (None when unbounded).
-    step_stats (`list[dict]`): per step: `fp_iters` allotted, and per sample `iterations`, `residual`, `ran`
-        (and `trace`, the residual of every iteration, with `output_solver_trace=True`).
+    step_stats (`list[dict]`): per step: `fp_iters` allotted, and per sample `iterations`, `residual`, `ran`,
+        `diverged` / `cold_start` (the solver's safety net stopped the solve at its best iterate / rejected the
+        warm start), and `trace`, the residual of every iteration, with `output_solver_trace=True`.
     history (`list[LongTensor (B, L)]`): the canvas after every step, when `output_history=True`.
     """
 
@@ -300,8 +302,6 @@ class FPMGMGenerationMixin:
         prev = state.fixed_point[fp_rows]
         if cfg.reuse == "full":
             return prev
-        from .modeling_fpmgm import WarmStart  # deferred: modeling imports this module
-
         gamma = three_state_gamma(
             state.canvas[rows],
             canvas,
@@ -381,6 +381,8 @@ class FPMGMGenerationMixin:
                 "iterations": torch.zeros_like(passes),
                 "residual": torch.full((B,), float("nan")),
                 "ran": torch.zeros(B, dtype=torch.bool),
+                "diverged": torch.zeros(B, dtype=torch.bool),
+                "cold_start": torch.zeros(B, dtype=torch.bool),
             }
             if rows.numel():
                 self._run_rows(state, rows, canvas, active, labels, t, fp_iters, cfg, guided, passes, stats)
@@ -454,6 +456,10 @@ class FPMGMGenerationMixin:
         stats["iterations"][rows] = out.solver_stats.iterations[:n]
         stats["residual"][rows.cpu()] = out.solver_stats.residual[:n].float().cpu()
         stats["ran"][rows.cpu()] = True
+        for flag in ("diverged", "cold_start"):  # the solver's safety net (FPMGMConfig.fp_divergence_patience)
+            value = getattr(out.solver_stats, flag, None)
+            if value is not None:
+                stats[flag][rows.cpu()] = value[:n].cpu()
         if out.solver_stats.trace is not None:
             trace = torch.full((B, out.solver_stats.trace.shape[1]), float("nan"))
             trace[rows.cpu()] = out.solver_stats.trace[:n].float().cpu()

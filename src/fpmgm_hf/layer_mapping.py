@@ -58,7 +58,7 @@ def map_layers(
     num_pre: int = 1,
     num_fp: int = 1,
     num_post: int = 1,
-    injection: str = "concat_mlp",
+    injection: str = "constrained",
     seed: Optional[int] = 0,
     **config_overrides,
 ) -> FPMGMForMaskedGeneration:
@@ -68,8 +68,9 @@ def map_layers(
     blocks, the next `num_fp` the shared fixed-point block(s), the last `num_post` the post blocks ("1,6,12":
     layer 1 -> pre, 6 -> shared, 12 -> post). Embeddings, conditioning and the output head are copied.
     The injection gets `FPMGMInjection.reset_identity()` (seeded by `seed`, None = global RNG): with one
-    solver iteration from `z0 = h_pre`, the converted model computes the chosen layers in sequence, up to
-    the small random weights that read `G(h_pre)`.
+    solver iteration from `z0 = h_pre`, the converted model computes the chosen layers in sequence, exactly
+    with the default `constrained` injection (`A h + (1 - A) I h = h`), and up to the small random weights that
+    read `G(h_pre)` with `concat_mlp` (about 2.4% of the input at width 64, 29% at 768: see docs/stability).
     """
     blocks = _teacher_blocks(mdlm_model)
     ids = parse_mapping(mapping, len(blocks), num_pre + num_fp + num_post)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +19,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_fpmgm import FPMGMConfig
+from .fixed_point_fpmgm import (
+    WARM_START_MAX_RATIO,
+    FPMGMInjection,
+    WarmStart,
+    differentiable_residual,
+    init_decay_log,
+    init_injection_linear,
+    jacobian_frobenius,
+)
 from .generation_fpmgm import FPMGMGenerationMixin
 from .solver_fpmgm import SolverStats, get_solver, relative_residual
 from .validation_fpmgm import CheckedWeightsMixin
 
 Tensor = torch.Tensor
-
-
-class WarmStart(NamedTuple):
-    """A three-state-reuse initialisation: `z0 = gamma * state + (1 - gamma) * h_pre`.
-
-    state (`Tensor (B, L, D)`): the previous step's fixed point `h*`.
-    gamma (`Tensor (B, L)`): per-token weight of `state` (1 = full reuse, 0 = start from `h_pre`).
-    """
-
-    state: Tensor
-    gamma: Tensor
 
 
 @dataclass
@@ -47,6 +45,8 @@ class FPMGMModelOutput(ModelOutput):
     pre_fixed_point (`(B, L, D)`): `h_pre`, the output of the pre blocks.
     solver_stats ([`SolverStats`]): per-sample iterations and final relative residual.
     block_passes (`LongTensor (B,)`): transformer-block evaluations, K_pre + iterations * K_fp + K_post.
+    fixed_point_loss (scalar): training mode with `fp_jacobian_reg` / `fp_residual_reg` > 0: the weighted
+        regulariser of the fixed-point map; the objectives add it to the task loss.
     """
 
     last_hidden_state: Optional[Tensor] = None
@@ -55,6 +55,7 @@ class FPMGMModelOutput(ModelOutput):
     pre_fixed_point: Optional[Tensor] = None
     solver_stats: Optional[SolverStats] = None
     block_passes: Optional[Tensor] = None
+    fixed_point_loss: Optional[Tensor] = None
 
 
 @dataclass
@@ -67,6 +68,7 @@ class FPMGMOutput(ModelOutput):
     pre_fixed_point (`(B, L, D)`): `h_pre`, for three-state reuse.
     solver_stats ([`SolverStats`]): per-sample iterations and final relative residual.
     block_passes (`LongTensor (B,)`): transformer-block evaluations of this call.
+    fixed_point_loss (scalar): the weighted fixed-point regulariser in training mode (see [`FPMGMModelOutput`]).
     """
 
     logits: Optional[Tensor] = None
@@ -75,6 +77,7 @@ class FPMGMOutput(ModelOutput):
     pre_fixed_point: Optional[Tensor] = None
     solver_stats: Optional[SolverStats] = None
     block_passes: Optional[Tensor] = None
+    fixed_point_loss: Optional[Tensor] = None
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -195,76 +198,6 @@ class FPMGMTimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class FPMGMInjection(nn.Module):
-    """Input injection: how the shared block sees `h_pre`.
-
-    `concat_mlp`: G = Linear(D, D) on h_pre, then fc2(GELU(fc1(concat(z, G(h_pre))))), 2D -> 2D -> D.
-    It is initialised to the identity in z: fc1 = [[I, 0], [-I, 0]] and fc2 = [I, -I], because
-    GELU(x) - GELU(-x) = x exactly (tanh form too), with small random weights on the G columns.
-    `add`: z + G(h_pre), G initialised small. `none`: z.
-    """
-
-    def __init__(self, config: FPMGMConfig):
-        super().__init__()
-        D, self.kind = config.hidden_size, config.injection
-        self.std = config.initializer_range
-        if self.kind != "none":
-            self.proj = nn.Linear(D, D)
-            self.proj._fpmgm_role = "proj"
-        if self.kind == "concat_mlp":
-            self.fc1 = nn.Linear(2 * D, 2 * D)
-            self.act = nn.GELU(approximate="tanh")
-            self.fc2 = nn.Linear(2 * D, D)
-            self.fc1._fpmgm_role, self.fc2._fpmgm_role = "fc1", "fc2"
-
-    def prepare(self, h_pre: Tensor) -> Optional[Tensor]:
-        """The part of the injection that does not depend on z, computed once per forward: G(h_pre) for
-        `add`, and fc1's G-columns applied to G(h_pre) plus fc1's bias for `concat_mlp` (exact: fc1 is linear
-        in the concatenation), which leaves 2D x D + D x 2D multiply-adds per token and iteration."""
-        if self.kind == "none":
-            return None
-        injected = self.proj(h_pre)  # (B, L, D)
-        if self.kind == "add":
-            return injected
-        D = injected.shape[-1]
-        return F.linear(injected, self.fc1.weight[:, D:], self.fc1.bias)  # (B, L, 2D)
-
-    def forward(self, z: Tensor, injected: Optional[Tensor]) -> Tensor:
-        """z: (B, L, D); injected: the output of `prepare` (for the same rows)."""
-        if self.kind == "none":
-            return z
-        if self.kind == "add":
-            return z + injected
-        D = z.shape[-1]
-        return self.fc2(self.act(F.linear(z, self.fc1.weight[:, :D]) + injected))
-
-    @torch.no_grad()
-    def reset_identity(self):
-        """The close-to-identity initialisation (also used by the MDLM converter)."""
-        for linear in (getattr(self, name, None) for name in ("proj", "fc1", "fc2")):
-            if linear is not None:
-                init_injection_linear(linear, self.std)
-
-
-def init_injection_linear(linear: nn.Linear, std: float):
-    """Initialise one injection Linear by its role (set in FPMGMInjection.__init__). Done per Linear because
-    transformers only calls `_init_weights` on modules that own parameters directly."""
-    role = getattr(linear, "_fpmgm_role", None)
-    init.zeros_(linear.bias)
-    if role == "proj":
-        init.normal_(linear.weight, std=std)
-        return
-    D = linear.out_features if role == "fc2" else linear.in_features // 2
-    eye = torch.eye(D, device=linear.weight.device, dtype=linear.weight.dtype)
-    if role == "fc2":
-        init.copy_(linear.weight, torch.cat([eye, -eye], dim=1))
-        return
-    weight = torch.zeros_like(linear.weight)
-    weight[:D, :D], weight[D:, :D] = eye, -eye
-    weight[:, D:] = torch.randn_like(weight[:, D:]) * std
-    init.copy_(linear.weight, weight)
-
-
 class FPMGMConditioning(nn.Module):
     """c = SiLU(sigma_map(t) + class_embed(y)) of shape (B, cond_dim). Without time conditioning t = 0
     (MDLM-OWT); with `num_classes > 0`, class id `num_classes` is the null class (classifier-free guidance)."""
@@ -332,6 +265,8 @@ class FPMGMPreTrainedModel(CheckedWeightsMixin, PreTrainedModel):
             init.normal_(module.weight, std=std)
         elif isinstance(module, FPMGMLayerNorm):
             init.ones_(module.weight)
+        elif isinstance(module, FPMGMInjection) and module.kind == "constrained":
+            init_decay_log(module.decay_log, module.decay_init)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` holds one name; both entries must reach config.json for the Hub.
@@ -439,7 +374,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
         for block in self.pre_blocks:
             x = block(x, c, rope, attn_mask)
         h_pre = x
-        z, stats = self._fixed_point(
+        z, stats, penalty = self._fixed_point(
             h_pre, c, rope, attn_mask, token_mask, fixed_point_init, (fp_iters, fp_tol, fp_trace), generator
         )
         x = z
@@ -455,24 +390,40 @@ class FPMGMModel(FPMGMPreTrainedModel):
             pre_fixed_point=h_pre,
             solver_stats=stats,
             block_passes=passes,
+            fixed_point_loss=penalty,
         )
         return out if return_dict else out.to_tuple()
 
-    def _initial_state(self, h_pre: Tensor, fixed_point_init) -> Tensor:
+    def _initial_state(self, h_pre: Tensor, fixed_point_init) -> tuple[Tensor, Optional[Tensor]]:
+        """The solver start `(B, L, D)` and, with the safety net on, which rows had their warm start rejected
+        `(B,)` (None when no warm start was given)."""
         if fixed_point_init is None:
-            return h_pre
+            return h_pre, None
         if isinstance(fixed_point_init, WarmStart):
             gamma = fixed_point_init.gamma.to(h_pre.dtype).unsqueeze(-1)  # (B, L, 1)
-            return gamma * fixed_point_init.state.to(h_pre.dtype) + (1 - gamma) * h_pre
-        if fixed_point_init.shape != h_pre.shape:
-            raise ValueError(f"`fixed_point_init` shape {tuple(fixed_point_init.shape)} must be {tuple(h_pre.shape)}.")
-        return fixed_point_init.to(h_pre.dtype)
+            z0 = gamma * fixed_point_init.state.to(h_pre.dtype) + (1 - gamma) * h_pre
+        else:
+            if fixed_point_init.shape != h_pre.shape:
+                raise ValueError(
+                    f"`fixed_point_init` shape {tuple(fixed_point_init.shape)} must be {tuple(h_pre.shape)}."
+                )
+            z0 = fixed_point_init.to(h_pre.dtype)
+        if self.config.fp_divergence_patience is None:
+            return z0, None
+        # A warm start carrying a non-finite or exploding state (an expansive map iterated across steps) would
+        # only feed the explosion: such rows start from h_pre instead.
+        z_rms = z0.detach().float().pow(2).flatten(1).mean(1).sqrt()  # (B,)
+        h_rms = h_pre.detach().float().pow(2).flatten(1).mean(1).sqrt()
+        rejected = ~torch.isfinite(z_rms) | (z_rms > WARM_START_MAX_RATIO * h_rms.clamp_min(1e-6))
+        if bool(rejected.any()):
+            z0 = torch.where(rejected[:, None, None], h_pre, z0)
+        return z0, rejected
 
     def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, solve_args, generator):
         B = h_pre.shape[0]
         if not self.config.num_fp_layers:
-            return h_pre, SolverStats.empty(B, h_pre.device)
-        injected = self.injection.prepare(h_pre)  # (B, L, D) or None; fixed across iterations
+            return h_pre, SolverStats.empty(B, h_pre.device), None
+        injected = self.injection.prepare(h_pre)  # (B, L, D) or (B, L, 2D) or None; fixed across iterations
 
         def f(z: Tensor, rows: Optional[Tensor]) -> Tensor:
             c_r, inj_r, m_r = c, injected, attn_mask
@@ -487,24 +438,31 @@ class FPMGMModel(FPMGMPreTrainedModel):
                 z = block(z, c_r, rope, m_r)
             return z
 
-        z0 = self._initial_state(h_pre, fixed_point_init)
+        z0, rejected = self._initial_state(h_pre, fixed_point_init)
         if self.training:
-            return self._sjfb(f, z0, token_mask, generator)
-        return self._solve(f, z0, token_mask, *solve_args)
+            z, stats, penalty = self._sjfb(f, z0, token_mask, generator)
+        else:
+            (z, stats), penalty = self._solve(f, z0, token_mask, *solve_args), None
+        if rejected is not None:
+            stats.cold_start = rejected
+        return z, stats, penalty
 
     def _solve(self, f, z0, token_mask, fp_iters, fp_tol, trace=False):
         cfg = self.config
         max_iter = cfg.fp_max_iter if fp_iters is None else fp_iters
         tol = cfg.fp_tol if fp_tol is None else (fp_tol or None)
-        kwargs = {}
+        patience = cfg.fp_divergence_patience
+        kwargs = dict(divergence_patience=patience, on_nonfinite="raise" if patience is None else "flag")
         if cfg.fp_solver == "anderson":
-            kwargs = dict(memory=cfg.anderson_memory, beta=cfg.anderson_beta, lam=cfg.anderson_lam)
+            kwargs.update(memory=cfg.anderson_memory, beta=cfg.anderson_beta, lam=cfg.anderson_lam)
         return get_solver(cfg.fp_solver)(f, z0, max_iter=max_iter, tol=tol, mask=token_mask, trace=trace, **kwargs)
 
     def _sjfb(self, f, z0, token_mask, generator):
         """Stochastic Jacobian-free backprop: n ~ U{nograd} iterations without a graph, then
-        m ~ U{grad} iterations with one. Gradients reach the shared block only through the last m."""
-        (n_lo, n_hi), (m_lo, m_hi) = self.config.fp_train_nograd_iters, self.config.fp_train_grad_iters
+        m ~ U{grad} iterations with one. Gradients reach the shared block only through the last m.
+        Returns `(z, stats, penalty)`; `penalty` is the weighted fixed-point regulariser or None."""
+        cfg = self.config
+        (n_lo, n_hi), (m_lo, m_hi) = cfg.fp_train_nograd_iters, cfg.fp_train_grad_iters
         draws = torch.randint(0, 2**31 - 1, (2,), generator=generator).tolist()
         n = n_lo + draws[0] % (n_hi - n_lo + 1)
         m = m_lo + draws[1] % (m_hi - m_lo + 1)
@@ -517,7 +475,18 @@ class FPMGMModel(FPMGMPreTrainedModel):
         stats = SolverStats.empty(z0.shape[0], z0.device)
         stats.iterations += n + m
         stats.residual = relative_residual(z.detach(), z_prev.detach(), token_mask)
-        return z, stats
+        penalty = None
+        if cfg.fp_residual_reg > 0:
+            penalty = cfg.fp_residual_reg * differentiable_residual(z, z_prev, token_mask)
+        if cfg.fp_jacobian_reg > 0 and self._jacobian_step(generator):
+            jac = cfg.fp_jacobian_reg * jacobian_frobenius(f, z, token_mask, generator)
+            penalty = jac if penalty is None else penalty + jac
+        return z, stats, penalty
+
+    def _jacobian_step(self, generator) -> bool:
+        """Whether this training forward pays for the Jacobian penalty (a draw only when it is not always)."""
+        prob = self.config.fp_jacobian_reg_prob
+        return prob >= 1 or bool(torch.rand((), generator=generator) < prob)
 
 
 class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
@@ -582,5 +551,6 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
             pre_fixed_point=out.pre_fixed_point,
             solver_stats=out.solver_stats,
             block_passes=out.block_passes,
+            fixed_point_loss=out.fixed_point_loss,
         )
         return result if return_dict else result.to_tuple()

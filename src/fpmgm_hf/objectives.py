@@ -101,11 +101,19 @@ def mdlm_nelbo(model, x0: Tensor, *, generator: torch.Generator, eps: float = 1e
                 **(model_kwargs or {}))
     nll = subs_token_nll(out.logits, z, x0, mask_id)
     loss, total, count = weighted_token_mean(nll, t, active)
-    return loss, {"output": out, "t": t, "z": z, "masked": masked, "nll_sum": total.detach(), "num_tokens": count}
+    aux = {"output": out, "t": t, "z": z, "masked": masked, "nll_sum": total.detach(), "num_tokens": count}
+    return with_fixed_point_loss(loss, out), aux
 
 
 def _unwrap(model):
     return getattr(model, "module", model)
+
+
+def with_fixed_point_loss(loss: Tensor, output) -> Tensor:
+    """Add the model's fixed-point regulariser (`output.fixed_point_loss`, training mode with
+    `fp_jacobian_reg` / `fp_residual_reg` > 0) to a task loss; unchanged when there is none."""
+    penalty = getattr(output, "fixed_point_loss", None)
+    return loss if penalty is None else loss + penalty.to(loss.dtype)
 
 
 # ----------------------------------------------------------------------------------------- MaskGIT loss
@@ -145,7 +153,7 @@ def maskgit_loss(model, x0: Tensor, *, generator: torch.Generator, class_labels:
     out = model(z, timesteps=loglinear_sigma(r), class_labels=labels, generator=generator)
     logits = out.logits.float().clone()
     logits[..., mask_id] = -math.inf
-    loss = F.cross_entropy(logits[masked], x0[masked])
+    loss = with_fixed_point_loss(F.cross_entropy(logits[masked], x0[masked]), out)
     return loss, {"output": out, "ratio": r, "z": z, "masked": masked, "class_labels": labels}
 
 
@@ -222,7 +230,7 @@ def consistency_loss(model, x0: Tensor, *, generator: torch.Generator, weight: f
     h_c = _teacher_forward(_unwrap(teacher if teacher is not None else model), z_c, t_c, eps, attention_mask,
                            model_kwargs)
     cons = hidden_consistency(out.hidden_states, h_c, student)
-    loss = task + weight * cons
+    loss = with_fixed_point_loss(task + weight * cons, out)
     aux = {"output": out, "task": task.detach(), "consistency": cons.detach(), "t_s": t_s, "t_c": t_c,
            "student_mask": student, "teacher_mask": teacher_mask, "nll_sum": total.detach(), "num_tokens": count}
     return loss, aux

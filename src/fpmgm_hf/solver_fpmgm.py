@@ -10,6 +10,12 @@ some samples have converged: a converged sample stops changing and stops costing
 Residuals are relative, `||f(z) - z|| / ||z||`, per sample, over the positions where `mask` is True
 (padding excluded). A non-finite iterate raises `FloatingPointError` (default) or, with
 `on_nonfinite="flag"`, freezes that sample at its last finite iterate and sets `stats.nonfinite`.
+
+Safety net (`divergence_patience=k`): a sample whose absolute residual `||f(z) - z||` rises for k consecutive
+iterations, or that meets a non-finite iterate, is stopped and set back to its best iterate (the one with the
+smallest residual), and `stats.diverged` says so. An expanding map keeps its relative residual constant while
+the norm grows geometrically, so the absolute residual is the signal; a contraction never trips it (its
+absolute residual falls at every iteration).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class SolverStats:
     converged (`BoolTensor (B,)`): the residual fell below `tol` (always False without `tol`).
     nonfinite (`BoolTensor (B,)`): a non-finite iterate was met and the sample was frozen.
     trace (`FloatTensor (B, max_iter)` or None): residual per iteration (NaN after a sample stopped).
+    diverged (`BoolTensor (B,)`): the safety net stopped the sample and returned its best iterate.
+    cold_start (`BoolTensor (B,)`): set by the model when it rejected a warm start (non-finite or exploding
+        state) and solved from `h_pre` instead.
     """
 
     iterations: Tensor
@@ -40,6 +49,8 @@ class SolverStats:
     converged: Tensor
     nonfinite: Tensor
     trace: Optional[Tensor] = None
+    diverged: Optional[Tensor] = None
+    cold_start: Optional[Tensor] = None
 
     @classmethod
     def empty(cls, batch: int, device, max_iter: int = 0, trace: bool = False) -> "SolverStats":
@@ -49,7 +60,21 @@ class SolverStats:
             converged=torch.zeros(batch, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(batch, dtype=torch.bool, device=device),
             trace=torch.full((batch, max_iter), float("nan"), device=device) if trace else None,
+            diverged=torch.zeros(batch, dtype=torch.bool, device=device),
+            cold_start=torch.zeros(batch, dtype=torch.bool, device=device),
         )
+
+
+def residual_norms(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`(||new - old||, ||old||)` per sample (float32, no graph), over the positions where `mask` is True.
+
+    new, old: `(B, *S, D)`; mask: `(B, *S)` bool or None. Returns two `(B,)` tensors.
+    """
+    diff = (new - old).detach().float().pow(2).sum(-1)  # (B, *S)
+    ref = old.detach().float().pow(2).sum(-1)
+    if mask is not None:
+        diff, ref = diff * mask, ref * mask
+    return diff.flatten(1).sum(1).sqrt(), ref.flatten(1).sum(1).sqrt()
 
 
 def relative_residual(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -57,21 +82,15 @@ def relative_residual(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -
 
     new, old: `(B, *S, D)`; mask: `(B, *S)` bool or None.
     """
-    diff = (new - old).detach().float().pow(2).sum(-1)  # (B, *S)
-    ref = old.detach().float().pow(2).sum(-1)
-    if mask is not None:
-        diff, ref = diff * mask, ref * mask
-    diff, ref = diff.flatten(1).sum(1), ref.flatten(1).sum(1)  # (B,)
-    return diff.sqrt() / ref.sqrt().clamp_min(_EPS)
+    diff, ref = residual_norms(new, old, mask)
+    return diff / ref.clamp_min(_EPS)
 
 
-def _finite(z: Tensor) -> Tensor:
-    return torch.isfinite(z).flatten(1).all(1)
-
-
-def _check_args(max_iter, tol, on_nonfinite):
+def _check_args(max_iter, tol, on_nonfinite, patience=None):
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"`max_iter` must be an integer >= 0, got {max_iter!r}.")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"`divergence_patience` must be None or an integer >= 1, got {patience!r}.")
     if tol is not None and not tol > 0:
         raise ValueError(f"`tol` must be None or > 0, got {tol!r}.")
     if on_nonfinite not in ("raise", "flag"):
@@ -79,13 +98,20 @@ def _check_args(max_iter, tol, on_nonfinite):
 
 
 class _ActiveSet:
-    """Book-keeping shared by the solvers: which rows still iterate, and their stats."""
+    """Book-keeping shared by the solvers: which rows still iterate, their stats and the safety net."""
 
-    def __init__(self, z0: Tensor, mask, max_iter, tol, on_nonfinite, trace):
+    def __init__(self, z0: Tensor, mask, max_iter, tol, on_nonfinite, trace, patience=None):
         self.z, self.mask, self.tol, self.on_nonfinite = z0, mask, tol, on_nonfinite
         self.stats = SolverStats.empty(z0.shape[0], z0.device, max_iter, trace)
         self.rows = torch.arange(z0.shape[0], device=z0.device)
         self.all_rows = True
+        self.patience = patience
+        if patience is not None:
+            B = z0.shape[0]
+            self.best_z = z0.clone()
+            self.best_res = torch.full((B,), float("inf"), device=z0.device)
+            self.last_res = torch.full((B,), float("inf"), device=z0.device)
+            self.rising = torch.zeros(B, dtype=torch.long, device=z0.device)
 
     def current(self) -> Tensor:
         return self.z if self.all_rows else self.z[self.rows]
@@ -98,36 +124,58 @@ class _ActiveSet:
             return self.mask
         return self.mask[self.rows]
 
-    def record(self, step: int, new: Tensor, old: Tensor, res: Optional[Tensor] = None) -> Tensor:
-        """Store `new` for the active rows and update the stats; `res` defaults to the residual of `new`
-        against `old`. Returns the keep-iterating mask over the active rows."""
-        finite = _finite(new)
+    def record(self, step: int, new: Tensor, old: Tensor, norms: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Store `new` for the active rows and update the stats; `norms` = `(||f(z) - z||, ||z||)` default to
+        `new` against `old`. Returns the keep-iterating mask over the active rows."""
+        diff, ref = residual_norms(new, old, self.sub_mask()) if norms is None else norms
+        res = diff / ref.clamp_min(_EPS)
+        finite = torch.isfinite(res)  # a non-finite entry anywhere in `new` makes its residual non-finite
         if not bool(finite.all()):
-            bad = self.rows[~finite].tolist()
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"fixed-point solver: non-finite iterate at iteration {step + 1} for batch rows {bad}; "
-                    "use on_nonfinite='flag' to freeze those samples instead."
-                )
-            self.stats.nonfinite[self.rows[~finite]] = True
-            new = torch.where(finite.view(-1, *([1] * (new.dim() - 1))), new, old)
-        if res is None:
-            res = relative_residual(new, old, self.sub_mask())
-        res = res.detach()
+            new = self._nonfinite(step, new, old, finite)
         self.stats.iterations[self.rows] += 1
         self.stats.residual[self.rows] = torch.where(finite, res, self.stats.residual[self.rows])
         if self.stats.trace is not None:
             self.stats.trace[self.rows, step] = res
+        keep = finite.clone()
+        if self.patience is not None:
+            new, keep = self._safety_net(new, diff, finite, keep)
         if self.all_rows:
             self.z = new
         else:
             self.z = self.z.index_copy(0, self.rows, new)
-        keep = finite.clone()
         if self.tol is not None:
-            done = finite & (res < self.tol)
+            done = keep & (res < self.tol)
             self.stats.converged[self.rows[done]] = True
             keep &= ~done
         return keep
+
+    def _nonfinite(self, step, new, old, finite):
+        bad = self.rows[~finite]
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"fixed-point solver: non-finite iterate at iteration {step + 1} for batch rows {bad.tolist()}; "
+                "use on_nonfinite='flag' to freeze those samples instead."
+            )
+        self.stats.nonfinite[bad] = True
+        return torch.where(finite.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+    def _safety_net(self, new, diff, finite, keep):
+        """Track the best iterate per row; stop rows whose residual rose `patience` times in a row (or that
+        went non-finite) and set them back to their best iterate."""
+        rows = self.rows
+        improved = finite & (diff < self.best_res[rows])
+        self.best_res[rows] = torch.where(improved, diff, self.best_res[rows])
+        best = torch.where(improved.view(-1, *([1] * (new.dim() - 1))), new, self.best_z[rows])
+        self.best_z[rows] = best
+        rose = finite & (diff > self.last_res[rows])
+        self.rising[rows] = torch.where(rose, self.rising[rows] + 1, torch.zeros_like(self.rising[rows]))
+        self.last_res[rows] = torch.where(finite, diff, self.last_res[rows])
+        tripped = (self.rising[rows] >= self.patience) | ~finite
+        if bool(tripped.any()):
+            self.stats.diverged[rows[tripped]] = True
+            new = torch.where(tripped.view(-1, *([1] * (new.dim() - 1))), best, new)
+            keep = keep & ~tripped
+        return new, keep
 
     def shrink(self, keep: Tensor) -> bool:
         """Drop rows that stopped; returns False when no row is left."""
@@ -147,6 +195,7 @@ def picard(
     mask: Optional[Tensor] = None,
     on_nonfinite: str = "raise",
     trace: bool = False,
+    divergence_patience: Optional[int] = None,
 ) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point (Picard) iteration `z <- f(z)`, the paper's solver.
 
@@ -158,6 +207,8 @@ def picard(
         mask (`BoolTensor (B, *S)` or None): positions counted in the residual.
         on_nonfinite: `"raise"` or `"flag"`.
         trace: also return the residual of every iteration.
+        divergence_patience: enable the safety net (see the module docstring): stop a sample after this many
+            consecutive rises of its residual and return its best iterate. None disables it.
 
     Returns:
         `(z_star, stats)`: the last iterate of every sample and its [`SolverStats`].
@@ -167,8 +218,8 @@ def picard(
         >>> round(z.item(), 4), bool(stats.converged)
         (0.7391, True)
     """
-    _check_args(max_iter, tol, on_nonfinite)
-    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace)
+    _check_args(max_iter, tol, on_nonfinite, divergence_patience)
+    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace, divergence_patience)
     for step in range(max_iter):
         old = state.current()
         keep = state.record(step, f(old, state.row_arg()), old)
@@ -209,6 +260,7 @@ def anderson(
     mask: Optional[Tensor] = None,
     on_nonfinite: str = "raise",
     trace: bool = False,
+    divergence_patience: Optional[int] = None,
     memory: int = 5,
     beta: float = 1.0,
     lam: float = 1e-4,
@@ -220,8 +272,8 @@ def anderson(
     histories of 2 * memory flattened states per sample. The mixing runs in float32 (float64 for float64
     states) over the positions in `mask`; padded positions just follow `f`.
     """
-    _check_args(max_iter, tol, on_nonfinite)
-    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace)
+    _check_args(max_iter, tol, on_nonfinite, divergence_patience)
+    state = _ActiveSet(z0, mask, max_iter, tol, on_nonfinite, trace, divergence_patience)
     shape = z0.shape[1:]
     B, N = z0.shape[0], z0[0].numel()
     work = torch.float64 if z0.dtype == torch.float64 else torch.float32  # mixing never below fp32
@@ -240,7 +292,10 @@ def anderson(
         if weight is not None:  # padding positions are not part of the problem: plain Picard there
             new = torch.where(weight[rows] > 0, new, fx.reshape(-1, N).to(work))
         new = new.to(z0.dtype).reshape(-1, *shape)
-        keep = state.record(step, new, old, res=relative_residual(fx, old, state.sub_mask()))
+        mixed_ok = torch.isfinite(new).flatten(1).all(1)  # a singular mix falls back to the plain step
+        if not bool(mixed_ok.all()):
+            new = torch.where(mixed_ok.view(-1, *([1] * (new.dim() - 1))), new, fx)
+        keep = state.record(step, new, old, norms=residual_norms(fx, old, state.sub_mask()))
         if not state.shrink(keep):
             break
     return state.z, state.stats
