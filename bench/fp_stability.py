@@ -32,11 +32,12 @@ from fpmgm_hf.data import load_texts, pack_blocks, split_blocks, train_char_toke
 from fpmgm_hf.distill import distill_loss  # noqa: E402
 from fpmgm_hf.layer_mapping import map_layers  # noqa: E402
 from fpmgm_hf.objectives import mdlm_nelbo  # noqa: E402
-from fpmgm_hf.stability import check_contract, generation_check, solver_profile  # noqa: E402
+from fpmgm_hf.stability import check_contract, generation_check, raw_map, solver_profile  # noqa: E402
 
 PAPER = dict(injection="concat_mlp")
 VARIANTS = {
     "paper": dict(PAPER),
+    "paper@3e-4": dict(PAPER, lr=3e-4),
     "paper+norm": dict(PAPER, fp_state_norm=True),
     "paper+jacobian": dict(PAPER, fp_jacobian_reg=1.0, fp_jacobian_reg_prob=0.5),
     "paper+residual": dict(PAPER, fp_residual_reg=1.0),
@@ -45,11 +46,13 @@ VARIANTS = {
     "constrained": dict(injection="constrained"),
     "constrained@3e-4": dict(injection="constrained", lr=3e-4),
     "constrained+jacobian": dict(injection="constrained", fp_jacobian_reg=1.0, fp_jacobian_reg_prob=0.5),
+    "constrained+residual": dict(injection="constrained", fp_residual_reg=1.0),
     "converted:constrained": dict(injection="constrained", converted=True),
     "converted:paper": dict(PAPER, converted=True),
 }
 DESCRIPTIONS = {
     "paper": "concat_mlp, no norm (the paper's / FPDM's map)",
+    "paper@3e-4": "concat_mlp, lr 3e-4 (the paper lowers the LR until FP-MDLM trains)",
     "paper+norm": "concat_mlp + `fp_state_norm` (LayerNorm on the state)",
     "paper+jacobian": "concat_mlp + Jacobian penalty (weight 1, half the steps)",
     "paper+residual": "concat_mlp + relative-residual penalty on the last graph iteration (weight 1)",
@@ -57,7 +60,8 @@ DESCRIPTIONS = {
     "add": "`add` injection, z + G(h_pre)",
     "constrained": "**constrained** injection A z + (1 - A) G(h_pre) (the default)",
     "constrained@3e-4": "constrained, lr 3e-4",
-    "constrained+jacobian": "constrained + Jacobian penalty",
+    "constrained+jacobian": "constrained + Jacobian penalty (weight 1, half the steps)",
+    "constrained+residual": "constrained + relative-residual penalty (weight 1)",
     "converted:constrained": "6-block MDLM -> 1/1/1 (layers 1,3,6), constrained, distillation fine-tune",
     "converted:paper": "6-block MDLM -> 1/1/1 (layers 1,3,6), concat_mlp, distillation fine-tune",
 }
@@ -81,6 +85,7 @@ def parse_args(argv=None):
     a("--speed-repeats", type=int, default=5, help="interleaved timed generate calls per model")
     a("--threads", type=int, default=2, help="torch threads")
     a("--seed", type=int, default=0, help="seed of init, data order and every draw")
+    a("--max-chars", type=int, default=0, help="use only the first N characters of the corpus (0 = all; toy runs)")
     return p.parse_args(argv)
 
 
@@ -121,13 +126,18 @@ def train(model, blocks, args, steps, lr, loss_fn=None):
 
 @torch.no_grad()
 def val_nelbo(model, blocks, args) -> float:
-    """Validation NELBO (nats per character): the same antithetic times and masks for every model."""
+    """Validation NELBO (nats per character) of the raw map at the config's `fp_max_iter` (NaN when its iterates
+    overflow): the same antithetic times and masks for every model."""
     model.eval()
     g = torch.Generator().manual_seed(12345)
     total = count = 0.0
-    for i in range(min(args.val_batches, blocks.shape[0] // args.batch)):
-        _, aux = mdlm_nelbo(model, blocks[i * args.batch:(i + 1) * args.batch], generator=g)
-        total, count = total + float(aux["nll_sum"]), count + float(aux["num_tokens"])
+    with raw_map(model):
+        for i in range(min(args.val_batches, blocks.shape[0] // args.batch)):
+            try:
+                _, aux = mdlm_nelbo(model, blocks[i * args.batch:(i + 1) * args.batch], generator=g)
+            except FloatingPointError:
+                return math.nan
+            total, count = total + float(aux["nll_sum"]), count + float(aux["num_tokens"])
     return total / max(count, 1.0)
 
 
@@ -185,7 +195,11 @@ def pass_ratio(model, args) -> float:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def run_variant(name, args, tokenizer, train_blocks, val_blocks, out: Path) -> dict:
+def trained_variant(name, args, tokenizer, train_blocks, val_blocks, out: Path):
+    """The variant's trained model and its training record; a finished model folder is loaded, not retrained."""
+    folder = out / name.replace(":", "-")
+    if (folder / "train.json").is_file():
+        return FPMGMForMaskedGeneration.from_pretrained(folder), json.loads((folder / "train.json").read_text())
     spec = dict(VARIANTS[name])
     lr = spec.get("lr", args.lr)
     t0 = time.time()
@@ -204,16 +218,22 @@ def run_variant(name, args, tokenizer, train_blocks, val_blocks, out: Path) -> d
         model = build(args, tokenizer, **spec)
         sec_per_step = train(model, train_blocks, args, args.steps, lr)
         extra = {"steps": args.steps}
+    record = {"lr": lr, **extra, "sec_per_step": sec_per_step, "train_minutes": round((time.time() - t0) / 60, 1)}
+    model.save_pretrained(folder)
+    (folder / "train.json").write_text(json.dumps(record, indent=1))
+    return model, record
+
+
+def run_variant(name, args, tokenizer, train_blocks, val_blocks, out: Path) -> dict:
+    model, record = trained_variant(name, args, tokenizer, train_blocks, val_blocks, out)
     model.eval()
     profile = solver_profile(model, val_blocks[: args.eval_blocks], seed=args.seed)
     generation = generation_check(model, seq_len=args.seq_len, budget=768, seed=args.seed)
-    result = {"variant": name, "description": DESCRIPTIONS[name], "lr": lr, **extra,
-              "val_nelbo": val_nelbo(model, val_blocks, args), "sec_per_step": sec_per_step,
-              "profile": {str(k): v for k, v in profile.items()}, "generation": generation,
-              "pass_ratio": pass_ratio(model, args), "contract_failures": check_contract(profile, generation),
-              "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1)}
-    model.save_pretrained(out / name.replace(":", "-"))
-    return result
+    return {"variant": name, "description": DESCRIPTIONS[name], **record,
+            "val_nelbo": val_nelbo(model, val_blocks, args), "profile": {str(k): v for k, v in profile.items()},
+            "generation": generation, "pass_ratio": pass_ratio(model, args),
+            "contract_failures": check_contract(profile, generation),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def worst(result, key_fn):
@@ -262,8 +282,20 @@ def write_docs(results, args, docs: Path):
                  + ", ".join(f"{r['variant']} {r['one_iteration_gap']:.2g}" for r in converted) + ".", ""]
     body += ["Per-variant details (every rate, every depth, the contract's failures) are in "
              "[results.json](results.json)."]
+    if (docs / "findings.md").is_file():  # the hand-written analysis, kept next to the generated table
+        body += ["", (docs / "findings.md").read_text()]
     (docs / "README.md").write_text("\n".join(body) + "\n")
     (docs / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _truncate(texts, max_chars):
+    kept, total = [], 0
+    for t in texts:
+        if total >= max_chars:
+            break
+        kept.append(t[: max_chars - total])
+        total += len(kept[-1])
+    return kept
 
 
 def main(argv=None):
@@ -272,6 +304,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_texts("shakespeare")
+    if args.max_chars:
+        texts = _truncate(texts, args.max_chars)
     tokenizer = train_char_tokenizer(texts, str(out / "tokenizer"))
     train_blocks, val_blocks = split_blocks(pack_blocks(texts, tokenizer, args.seq_len), 0.05)
     results = []

@@ -1,17 +1,22 @@
-"""The paper's text comparison (Tables 2 and 9) at CPU scale, end to end and resumable.
+"""The paper's text claims at CPU scale: character-level Shakespeare, compute-optimal sizes, enough samples to
+decide each claim. One resumable command.
 
-    .venv/bin/python bench/reproduce_text.py --out outputs/repro          # every stage; re-run to resume
-    .venv/bin/python bench/reproduce_text.py --out outputs/repro --only sweep
+    .venv/bin/python bench/reproduce_text.py --out outputs/repro            # every stage; re-run to resume
+    .venv/bin/python bench/reproduce_text.py --out outputs/repro --only report
 
-Stages (each is skipped when its output exists; training stages resume from their last checkpoint):
-  tokenizer  byte-level BPE with 4096 tokens trained on Shakespeare (GPT-2's 50k-token output layer
-             would dominate CPU time at this width)
-  mdlm       MDLM, 12 explicit layers, width 256, length 128
-  fp         FP-MDLM 1/1/1 (concat_mlp) at the same width, same steps and batch
-  cons       the consistency stage on FP-MDLM (lambda 0.1, early stop at a 15% validation-PPL rise)
-  conv       the trained MDLM converted with conversion/convert.py (layers 1,6,12 -> 1/1/1)
-  sweep      budgets 96/192/384/768 for MDLM, FP-MDLM (none / full reuse), FP-MDLM + L_CONS,
-             CoFRe (+ 3SR) and the converted model; generative perplexity + entropy + plot
+Stages (a finished stage is skipped; training stages resume from their last checkpoint):
+  tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
+  char-lm    the in-domain evaluator: a GPT-2-style character LM on the same training blocks
+  train      MDLM (--mdlm-layers explicit blocks) and FP-MDLM 1/1/1 at the same width, steps and batch, side by
+             side with one thread each (so their time per step is compared under the same load)
+  post       the consistency stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the
+             same stage run 3x longer without the stop rule (entropy collapse); the MDLM converted with
+             `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
+             for as many steps as the conversion fine-tunes (conversion vs scratch at equal steps)
+  nelbo      held-out NELBO of every model on the same masks
+  sweep      `fpmgm-eval sweep`: budgets 24..768, best step count per budget (pilots), reuse none/full/3sr,
+             schedules decreasing/fixed, adaptive stopping, >= 128 samples per point, two evaluators
+  report     docs/reproduction: results.json, README.md with the claims table (bench/repro_claims.py), plots
 Every command, seed and wall-clock time is appended to OUT/stages.jsonl.
 """
 
@@ -26,259 +31,230 @@ from pathlib import Path
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = {"hidden_size": 256, "num_attention_heads": 4, "cond_dim": 128, "dropout": 0.0, "max_position_embeddings": 128}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run(cmd: list[str], log: Path, out: Path, stage: str, threads: int) -> None:
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="outputs/repro", help="output folder (re-runs resume)")
+    a("--docs", default="docs/reproduction", help="where the published report goes ('' = nowhere)")
+    a("--hidden", type=int, default=128, help="width of every masked model")
+    a("--heads", type=int, default=4, help="attention heads")
+    a("--mdlm-layers", type=int, default=8, help="explicit blocks of the MDLM baseline")
+    a("--seq-len", type=int, default=128, help="characters per block and per sample")
+    a("--batch", type=int, default=32, help="blocks per training step")
+    a("--steps", type=int, default=7000, help="pretraining steps of MDLM and FP-MDLM")
+    a("--lr", type=float, default=1e-3, help="peak learning rate of MDLM and FP-MDLM")
+    a("--cons-steps", type=int, default=1000, help="consistency-stage steps (CoFRe)")
+    a("--conv-steps", type=int, default=1500, help="conversion fine-tuning steps (then --cons-steps of consistency)")
+    a("--lm-steps", type=int, default=3000, help="training steps of the character-level evaluation LM")
+    a("--budgets", type=int, nargs="+", default=[24, 48, 96, 192, 384, 768], help="sweep budgets")
+    a("--samples", type=int, default=128, help="samples per final sweep point")
+    a("--pilot-samples", type=int, default=24, help="samples per step-count candidate")
+    a("--fp-iters", type=int, nargs="+", default=[1, 2, 4, 8], help="mean iterations per step tried per budget")
+    a("--fp-tol", type=float, default=1e-3, help="tolerance of the adaptive-stopping rows")
+    a("--eval-lm", default="gpt2-large", help="the general evaluation LM (offline: the SmolLM2 fallback)")
+    a("--seed", type=int, default=0, help="seed of every stage")
+    a("--only", choices=["tokenizer", "char-lm", "train", "post", "nelbo", "sweep", "report"], help="one stage")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def run(cmd: list[str], out: Path, stage: str, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    print(f"[{stage}] {' '.join(cmd)}", flush=True)
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    record = {"stage": stage, "cmd": cmd, "seconds": round(time.time() - t0, 1), "returncode": proc.returncode}
+    print(f"[{stage}] {' '.join(map(str, cmd))}", flush=True)
+    with open(out / f"{stage.replace(':', '-')}.log", "a") as f:
+        proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    record = {"stage": stage, "cmd": list(map(str, cmd)), "seconds": round(time.time() - t0, 1),
+              "threads": threads, "returncode": proc.returncode}
     with open(out / "stages.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if proc.returncode:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {log}")
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {out / stage}.log")
     print(f"[{stage}] done in {record['seconds']:.0f} s", flush=True)
 
 
-def train_cmd(args, out: Path, name: str, layers: tuple, lr: float, steps: int, extra=()) -> list[str]:
-    cfg = out / f"{name}.json"
-    cfg.write_text(
-        json.dumps(dict(ARCH, num_pre_layers=layers[0], num_fp_layers=layers[1], num_post_layers=layers[2]))
-    )
-    run_dir = out / name
-    cmd = [
-        PY,
-        "-m",
-        "fpmgm_hf.train",
-        "--data",
-        "shakespeare",
-        "--tokenizer",
-        str(out / "tokenizer"),
-        "--config",
-        str(cfg),
-        "--seq-len",
-        "128",
-        "--batch-size",
-        str(args.batch),
-        "--max-steps",
-        str(steps),
-        "--lr",
-        str(lr),
-        "--warmup-steps",
-        "100",
-        "--eval-every",
-        str(max(50, steps // 10)),
-        "--eval-batches",
-        "10",
-        "--save-every",
-        "100",
-        "--seed",
-        str(args.seed),
-        "--out",
-        str(run_dir),
-        *extra,
-    ]
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
-        cmd += ["--resume", "latest"]
-    return cmd
-
-
-def stage_tokenizer(args, out):
-    if (out / "tokenizer" / "tokenizer.json").exists():
-        return
-    t0 = time.time()
-    from fpmgm_hf.assets import load_text_corpus
-    from fpmgm_hf.data import train_bpe_tokenizer
-
-    train_bpe_tokenizer(load_text_corpus("shakespeare"), 4096, str(out / "tokenizer"))
-    with open(out / "stages.jsonl", "a") as f:
-        f.write(json.dumps({"stage": "tokenizer", "seconds": round(time.time() - t0, 1)}) + "\n")
-
-
-def stage_train(args, out):
-    jobs = []
-    if not (out / "mdlm" / "final").is_dir():
-        jobs.append(("mdlm", train_cmd(args, out, "mdlm", (12, 0, 0), args.lr_mdlm, args.steps)))
-    if not (out / "fp" / "final").is_dir():
-        jobs.append(("fp", train_cmd(args, out, "fp", (1, 1, 1), args.lr_fp, args.steps)))
-    _parallel(jobs, out)
-
-
-def cons_cmd(args, out: Path) -> list[str]:
-    """The consistency stage on the pretrained FP-MDLM (lambda 0.1 ramped over a fifth, 15% PPL-rise stop)."""
-    extra = ["--from", str(out / "fp" / "final"), "--consistency-weight", "0.1",
-             "--consistency-warmup", str(args.cons_steps // 5), "--stop-ppl-rise", "0.15"]
-    cmd = train_cmd(args, out, "cons", (1, 1, 1), args.lr_fp, args.cons_steps, extra)
-    i = cmd.index("--config")
-    del cmd[i : i + 2]  # --from brings its own config
-    return cmd
-
-
-def conv_cmd(args, out: Path) -> list[str]:
-    """The trained MDLM converted with conversion/convert.py: layers 1, 6, 12 -> 1/1/1, distillation."""
-    return [PY, "conversion/convert.py", "--mdlm", str(out / "mdlm" / "final"), "--map", "1,6,12",
-            "--layers", "1/1/1", "--tokenizer", str(out / "tokenizer"), "--data", "shakespeare", "--seq-len", "128",
-            "--steps", str(args.conv_steps), "--batch-size", str(args.batch), "--kl-warmup", str(args.conv_steps // 5),
-            "--seed", str(args.seed), "--output", str(out / "conv"), "--overwrite"]
-
-
-def stage_post(args, out):
-    jobs = []
-    if not (out / "cons" / "final").is_dir():
-        jobs.append(("cons", cons_cmd(args, out)))
-    if not (out / "conv" / "config.json").exists():
-        jobs.append(("conv", conv_cmd(args, out)))
-    _parallel(jobs, out)
-
-
-def _parallel(jobs, out):
+def parallel(jobs: list[tuple[str, list]], out: Path) -> None:
+    """Run the jobs side by side, splitting the cores between them."""
     if not jobs:
         return
     threads = max(1, (os.cpu_count() or 2) // len(jobs))
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(run, cmd, out / f"{name}.log", out, name, threads) for name, cmd in jobs]
-        for fut in futures:
+        for fut in [pool.submit(run, cmd, out, name, threads) for name, cmd in jobs]:
             fut.result()
 
 
-def stage_sweep(args, out):
-    models = [
-        ("MDLM", out / "mdlm" / "final", ["none"]),
-        ("FP-MDLM", out / "fp" / "final", ["none", "full"]),
-        ("FP-MDLM+LCONS", out / "cons" / "final", ["none", "3sr"]),
-        ("converted", out / "conv", ["none", "3sr"]),
-    ]
-    for name, path, reuse in models:
-        if not (path / "config.json").exists():
-            print(f"[sweep] skipping {name}: {path} missing", flush=True)
-            continue
-        cmd = [
-            PY,
-            "-m",
-            "fpmgm_hf.evaluation",
-            "sweep",
-            "--model",
-            str(path),
-            "--names",
-            name,
-            "--budgets",
-            *map(str, args.budgets),
-            "--reuse",
-            *reuse,
-            "--fp-iters",
-            *map(str, args.fp_iters),
-            "--num-samples",
-            str(args.samples),
-            "--seq-len",
-            "128",
-            "--batch-size",
-            str(args.samples),
-            "--eval-lm",
-            args.eval_lm,
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(out / "sweep" / name),
-        ]
-        run(cmd, out / "sweep.log", out, f"sweep:{name}", os.cpu_count() or 2)
-    merge_sweeps(out, args.docs)
+def arch(args, layers: tuple) -> dict:
+    return {"hidden_size": args.hidden, "num_attention_heads": args.heads, "cond_dim": args.hidden // 2,
+            "dropout": 0.0, "max_position_embeddings": args.seq_len, "num_pre_layers": layers[0],
+            "num_fp_layers": layers[1], "num_post_layers": layers[2]}
 
 
-def merge_sweeps(out: Path, docs: str | None = None) -> None:
-    from fpmgm_hf.evaluation import SweepPoint, markdown_table, plot
+def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=None, extra=()) -> list:
+    """fpmgm-train on the character-level blocks; `layers` for a fresh model or `init_from` a trained one."""
+    run_dir = out / name
+    cmd = [PY, "-m", "fpmgm_hf.train", "--data", "shakespeare", "--tokenizer", out / "tokenizer",
+           "--seq-len", args.seq_len, "--batch-size", args.batch, "--max-steps", steps, "--lr", args.lr,
+           "--warmup-steps", min(200, max(1, steps // 10)), "--eval-every", max(50, steps // 10),
+           "--eval-batches", 20, "--save-every", max(50, steps // 20), "--seed", args.seed, "--out", run_dir]
+    if layers is not None:
+        cfg = out / f"{name}.json"
+        cfg.write_text(json.dumps(arch(args, layers)))
+        cmd += ["--config", cfg]
+    else:
+        cmd += ["--from", init_from]
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
+        cmd += ["--resume", "latest"]
+    return cmd + list(extra)
 
-    points, lm = [], {}
-    for res in sorted((out / "sweep").glob("*/results.json")):
-        data = json.loads(res.read_text())
-        lm = data["eval_lm"]
-        points += [SweepPoint(**p) for p in data["points"]]
-    if not points:
+
+def done(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_tokenizer(args, out):
+    if (out / "tokenizer" / "tokenizer.json").is_file():
         return
-    # CoFRe is FP-MDLM + L_CONS sampled with 3SR: name that row after the recipe.
-    for p in points:
-        if p.model == "FP-MDLM+LCONS" and p.reuse == "3sr":
-            p.model = "CoFRe"
-    (out / "results.md").write_text(markdown_table(points, lm))
-    plot(points, out / "quality_vs_budget.png", title=f"Shakespeare, CPU scale; eval LM {lm.get('name')}")
-    print((out / "results.md").read_text())
-    if docs:
-        write_report(out, Path(docs))
+    from fpmgm_hf.data import load_texts, train_char_tokenizer
+
+    t0 = time.time()
+    train_char_tokenizer(load_texts("shakespeare"), str(out / "tokenizer"))
+    with open(out / "stages.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "tokenizer", "seconds": round(time.time() - t0, 1)}) + "\n")
 
 
-def _val_curve(log: Path) -> str:
-    """'first -> ... -> last' validation PPL of a training log."""
-    if not log.exists():
-        return "n/a"
-    vals = [json.loads(line) for line in log.read_text().splitlines()]
-    ppl = [(r["step"], r["val_ppl"]) for r in vals if "val_ppl" in r]
-    if not ppl:
-        return "n/a"
-    shown = ppl[:: max(1, len(ppl) // 5)]
-    shown += [] if shown[-1] == ppl[-1] else ppl[-1:]
-    return " → ".join(f"{v:.0f} (step {s})" for s, v in shown)
+def stage_char_lm(args, out):
+    if done(out / "char-lm" / "final"):
+        return
+    cmd = [PY, "-m", "fpmgm_hf.evaluation", "train-lm", "--tokenizer", out / "tokenizer", "--out", out / "char-lm",
+           "--seq-len", args.seq_len, "--max-steps", args.lm_steps, "--seed", args.seed, "--resume"]
+    run(cmd, out, "char-lm", os.cpu_count() or 2)
 
 
-def write_report(out: Path, docs: Path) -> None:
-    """docs/…/README.md: the table, the plot, every stage's command and wall time, the validation curves."""
-    import shutil
-
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "quality_vs_budget.png", docs / "quality_vs_budget.png")
-    stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    lines = ["# Small-scale reproduction of the paper's text comparison (Tables 2 and 9)", "",
-             f"Written by `bench/reproduce_text.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from "
-             f"`{out}`. Machine: the project's 2-core CPU (no GPU); stages ran two at a time, one thread each.", "",
-             (out / "results.md").read_text(), "![quality vs budget](quality_vs_budget.png)", "",
-             "## Validation perplexity during training (NELBO bound, same held-out blocks)", "",
-             "| model | validation PPL |", "|---|---|"]
-    for name, sub in (("MDLM 12/0/0", "mdlm"), ("FP-MDLM 1/1/1", "fp"), ("+ L_CONS stage", "cons")):
-        lines.append(f"| {name} | {_val_curve(out / sub / 'log.jsonl')} |")
-    conv = out / "conv" / "conversion.json"
-    if conv.exists():
-        c = json.loads(conv.read_text())
-        lines.append(f"| converted (teacher NELBO {c['verify_before']['teacher_nelbo']:.3f}) | NELBO "
-                     f"{c['verify_before']['converted_nelbo']:.3f} before fine-tuning → "
-                     f"{c['verify_after']['converted_nelbo']:.3f} after |")
-    lines += ["", "## Stages (commands, seeds, wall-clock time)", "", "| stage | seconds | command |", "|---|---|---|"]
-    for s in stages:
-        cmd = " ".join(str(c).replace(str(ROOT) + "/", "") for c in s.get("cmd", []))
-        note = " (failed; rerun below)" if s.get("returncode") else ""
-        note += f" ({s['note']})" if s.get("note") else ""
-        lines.append(f"| {s['stage']}{note} | {s['seconds']:.0f} | `{cmd}` |")
-    if (docs / "findings.md").exists():  # hand-written analysis kept next to the generated report
-        lines += ["", (docs / "findings.md").read_text()]
-    (docs / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {docs / 'README.md'}")
+def stage_train(args, out):
+    jobs = []
+    if not done(out / "mdlm" / "final"):
+        jobs.append(("mdlm", train_cmd(args, out, "mdlm", args.steps, layers=(args.mdlm_layers, 0, 0))))
+    if not done(out / "fp" / "final"):
+        jobs.append(("fp", train_cmd(args, out, "fp", args.steps, layers=(1, 1, 1))))
+    parallel(jobs, out)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/repro", help="output folder (re-runs resume)")
-    p.add_argument("--steps", type=int, default=1200, help="pretraining steps of MDLM and FP-MDLM")
-    p.add_argument("--cons-steps", type=int, default=250, help="consistency-stage steps")
-    p.add_argument("--conv-steps", type=int, default=250, help="conversion fine-tuning steps")
-    p.add_argument("--batch", type=int, default=8, help="blocks of 128 tokens per step")
-    p.add_argument("--lr-mdlm", type=float, default=1e-3, help="MDLM peak LR (paper ratio MDLM:FP = 3:2)")
-    p.add_argument("--lr-fp", type=float, default=6.7e-4, help="FP-MDLM peak LR")
-    p.add_argument("--budgets", type=int, nargs="+", default=[96, 192, 384, 768], help="sweep budgets")
-    p.add_argument("--samples", type=int, default=8, help="samples per sweep point")
-    p.add_argument("--fp-iters", type=int, nargs="+", default=[2, 8],
-                   help="FP models: mean iterations per step tried at each budget (best kept)")
-    p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    p.add_argument("--only", choices=["tokenizer", "train", "post", "sweep", "report"], help="run one stage")
-    p.add_argument("--docs", default="docs/reproduction", help="where the published report goes ('' = nowhere)")
-    args = p.parse_args()
+def cons_cmd(args, out, name: str, steps: int, stop: bool) -> list:
+    extra = ["--consistency-weight", 0.1, "--consistency-warmup", max(1, args.cons_steps // 5)]
+    extra += ["--stop-ppl-rise", 0.15] if stop else []
+    return train_cmd(args, out, name, steps, init_from=out / "fp" / "final", extra=extra)
+
+
+def conv_cmd(args, out) -> list:
+    """The MDLM converted by the documented path: layers 1, middle, last -> 1/1/1, distillation, consistency."""
+    L = args.mdlm_layers
+    return [Path(PY).parent / "accelerate", "launch", "--num_processes", 1, "--cpu", "conversion/convert.py",
+            "--mdlm", out / "mdlm" / "final", "--map", f"1,{(L + 1) // 2},{L}", "--layers", "1/1/1",
+            "--tokenizer", out / "tokenizer", "--data", "shakespeare", "--seq-len", args.seq_len,
+            "--steps", args.conv_steps, "--batch-size", args.batch, "--lr", args.lr,
+            "--kl-warmup", max(1, args.conv_steps // 5), "--consistency-weight", 0.1,
+            "--consistency-steps", args.cons_steps, "--consistency-warmup", max(1, args.cons_steps // 5),
+            "--eval-every", max(50, args.conv_steps // 10), "--save-every", max(50, args.conv_steps // 10),
+            "--seed", args.seed, "--output", out / "conv", "--work-dir", out / "conv-work", "--resume", "latest"]
+
+
+def stage_post(args, out):
+    jobs = []
+    if not done(out / "cons" / "final"):
+        jobs.append(("cons", cons_cmd(args, out, "cons", args.cons_steps, stop=True)))
+    if not done(out / "conv"):
+        jobs.append(("conv", conv_cmd(args, out)))
+    parallel(jobs, out)
+    jobs = []
+    if not done(out / "cons-long" / "final"):
+        jobs.append(("cons-long", cons_cmd(args, out, "cons-long", 3 * args.cons_steps, stop=False)))
+    if not done(out / "fp-short" / "final"):
+        jobs.append(("fp-short", train_cmd(args, out, "fp-short", args.conv_steps + args.cons_steps,
+                                           layers=(1, 1, 1))))
+    parallel(jobs, out)
+
+
+MODELS = {  # name -> (folder under OUT, baseline)
+    "MDLM": ("mdlm/final", True),
+    "FP-MDLM": ("fp/final", False),
+    "FP-MDLM + L_CONS": ("cons/final", False),
+    "FP-MDLM + L_CONS (3x, no stop)": ("cons-long/final", False),
+    "converted": ("conv", False),
+    "FP-MDLM, scratch (conversion steps)": ("fp-short/final", False),
+}
+
+
+def stage_nelbo(args, out):
+    path = out / "nelbo.json"
+    if path.is_file():
+        return
+    from repro_claims import heldout_nelbo
+
+    results = {name: heldout_nelbo(out / sub, out / "tokenizer", args) for name, (sub, _) in MODELS.items()
+               if done(out / sub)}
+    path.write_text(json.dumps(results, indent=1))
+
+
+def sweep_jobs(args, out) -> list[tuple[str, list]]:
+    """(name, command) of every sweep call: one per model and row family."""
+    common = ["--budgets", *args.budgets, "--num-samples", args.samples, "--pilot-samples", args.pilot_samples,
+              "--fp-iters", *args.fp_iters, "--seq-len", args.seq_len, "--batch-size", 64,
+              "--eval-lm", out / "char-lm" / "final", args.eval_lm, "--eval-lm-names", "char-lm", "general",
+              "--seed", args.seed]
+    calls = [
+        ("MDLM", ["--reuse", "none"]),
+        ("FP-MDLM", ["--reuse", "none", "full", "3sr"]),
+        ("FP-MDLM + L_CONS", ["--reuse", "none", "full", "3sr", "--fp-schedule", "decreasing", "fixed"]),
+        ("FP-MDLM + L_CONS|tol", ["--reuse", "3sr", "--fp-tol", args.fp_tol]),
+        ("converted", ["--reuse", "none", "full", "3sr"]),
+        ("FP-MDLM + L_CONS (3x, no stop)", ["--reuse", "3sr"]),
+        ("FP-MDLM, scratch (conversion steps)", ["--reuse", "3sr"]),
+    ]
+    jobs = []
+    for call, rows in calls:
+        name = call.split("|")[0]
+        folder = out / MODELS[name][0]
+        slug = "".join(c if c.isalnum() else "_" for c in call).strip("_")
+        if done(folder):
+            cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", folder, "--names", name, *rows, *common,
+                   "--out", out / "sweep" / slug]
+            jobs.append((f"sweep:{slug}", cmd))
+    return jobs
+
+
+def stage_sweep(args, out):
+    jobs = [(name, cmd) for name, cmd in sweep_jobs(args, out)
+            if not (out / "sweep" / name.split(":", 1)[1] / "results.json").is_file()]
+    for i in range(0, len(jobs), 2):  # two at a time, one thread each
+        parallel(jobs[i:i + 2], out)
+
+
+def stage_report(args, out):
+    from repro_claims import write_report
+
+    write_report(out, Path(args.docs) if args.docs else None, args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "sweep": stage_sweep,
-              "report": lambda a, o: merge_sweeps(o, a.docs)}
+    stages = {"tokenizer": stage_tokenizer, "char-lm": stage_char_lm, "train": stage_train, "post": stage_post,
+              "nelbo": stage_nelbo, "sweep": stage_sweep, "report": stage_report}
+    t0 = time.time()
     for name, fn in stages.items():
-        if args.only == name or (args.only is None and name != "report"):
+        if args.only in (None, name):
             fn(args, out)
+    print(f"[reproduce] finished in {(time.time() - t0) / 60:.1f} min")
+    return out
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def test_sweep_writes_tables_plots_samples_and_resumes(tmp_path):
     for p in results["points"]:
         assert p["block_passes"] <= p["budget"] and p["gen_ppl"] > 0 and p["entropy"] >= 0
         assert len((out / p["samples_file"]).read_text().splitlines()) == 3
-    assert results["eval_lm"]["comparable_to_published"] is False
+    assert results["eval_lm"][str(tmp_path / "lm")]["comparable_to_published"] is False
     assert "| fp | 3sr | decreasing |" in (out / "results.md").read_text()
+    assert all(p["ci95"][0] <= p["gen_ppl"] <= p["ci95"][1] for p in results["points"])
     assert (out / "quality_vs_budget.png").stat().st_size > 1000
     # A re-run finds every point in points.jsonl and generates nothing new.
     n_lines = len((out / "points.jsonl").read_text().splitlines())
@@ -108,3 +109,30 @@ def test_sweep_records_diverging_points_and_keeps_going(tmp_path):
     assert math.isnan(best[48]["gen_ppl"]) and "non-finite" in best[48]["extra"]["diverged"]
     assert "diverged [T=" in (out / "results.md").read_text()
     assert main(argv) == 0  # NaN points resume from points.jsonl like any other
+
+
+def test_sweep_pilots_choose_the_step_count_and_every_evaluator_scores_the_winner(tmp_path):
+    tok = tiny_tokenizer()
+    tiny_model().save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    tiny_lm(tmp_path / "lm")
+    tiny_lm(tmp_path / "lm2")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tmp_path / "fp"), "--names", "fp", "--budgets", "24", "--reuse", "3sr",
+            "--fp-tol", "none", "0.01", "--num-samples", "4", "--pilot-samples", "2", "--seq-len", "8",
+            "--batch-size", "2", "--eval-lm", str(tmp_path / "lm"), str(tmp_path / "lm2"),
+            "--eval-lm-names", "a", "b", "--out", str(out)]
+    assert main(argv) == 0
+    points = json.loads((out / "results.json").read_text())["points"]
+    pilots = [p for p in points if p["status"] == "pilot"]
+    finals = [p for p in points if p["status"] == "ok"]
+    assert {p["num_steps"] for p in pilots} == set(step_grid(tiny_model().config, 24)) and pilots[0]["n_samples"] == 2
+    assert {p["evaluator"] for p in pilots} == {"a"}
+    for tol in (None, 0.01):
+        winner = min((p for p in pilots if p["fp_tol"] == tol), key=lambda p: p["gen_ppl"])
+        chosen = [p for p in finals if p["fp_tol"] == tol]
+        assert {p["evaluator"] for p in chosen} == {"a", "b"} and all(p["n_samples"] == 4 for p in chosen)
+        assert {p["num_steps"] for p in chosen} == {winner["num_steps"]}
+    assert all(p["block_passes"] <= p["budget"] for p in finals)
+    md = (out / "results.md").read_text()
+    assert "decreasing, tol 0.01" in md and md.count("Evaluator `") == 2

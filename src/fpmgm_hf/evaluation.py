@@ -1,12 +1,16 @@
 """Budget sweeps: sample from one or more models at several compute budgets and score the samples.
 
     fpmgm-eval sweep --model runs/mdlm/final runs/fp/final --budgets 96 192 384 768 \
-        --reuse none full 3sr --num-samples 32 --seq-len 128 --out outputs/sweep
+        --reuse none full 3sr --num-samples 128 --pilot-samples 32 --seq-len 128 \
+        --eval-lm gpt2-large runs/char-lm/final --out outputs/sweep
+    fpmgm-eval train-lm --tokenizer runs/tokenizer --out runs/char-lm     # an in-domain evaluation LM
 
-At each budget the best operating point over a grid of step counts is kept (as the paper does); every
-tried point is stored too. Writes `results.json`, `results.md`, `quality_vs_budget.png` and the decoded
-samples (`samples/*.jsonl`). Reports carry the evaluation LM and whether it is comparable to published
-numbers (the offline fallback LM is not).
+At each budget the best step count is chosen (as the paper does): every candidate of the step grid is sampled
+with `--pilot-samples` samples and scored by the first evaluation LM, and the winner is sampled again with
+`--num-samples` samples and scored by every evaluation LM, with a 95% bootstrap interval over samples. Writes
+`results.json`, `results.md`, `quality_vs_budget*.png` (one per evaluator) and the decoded samples
+(`samples/*.jsonl`); `points.jsonl` makes an interrupted sweep resume. Reports say whether an evaluation LM is
+comparable to published numbers (the offline fallback LM is not).
 """
 
 from __future__ import annotations
@@ -14,32 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .scheduling_fpmgm import FP_SCHEDULES
-
-
-@dataclass
-class SweepPoint:
-    model: str
-    reuse: str
-    fp_schedule: str
-    budget: int
-    num_steps: int
-    gen_ppl: float
-    pooled_ppl: float
-    entropy: float
-    block_passes: float
-    seconds: float
-    samples_file: str = ""
-    extra: dict = field(default_factory=dict)
+from .sweep_report import (  # noqa: F401  (re-exported: the public names of the sweep)
+    SweepPoint,
+    best_per_budget,
+    bootstrap_ci,
+    markdown_table,
+    plot,
+    write_reports,
+)
 
 
 def step_grid(config, budget: int, iters: tuple[int, ...] = (1, 2, 4, 8)) -> list[int]:
@@ -65,18 +60,26 @@ def _load(model_dir: str, device):
 
 
 def generate_samples(model, num_samples: int, seq_len: int, batch_size: int, seed: int, **gen_kwargs):
-    """`num_samples` unconditional canvases; returns (LongTensor (N, L), mean block passes)."""
+    """`num_samples` unconditional canvases; returns (LongTensor (N, L), mean block passes). With
+    `return_stats=True` also the share of solves the safety net stopped or restarted."""
+    return_stats = gen_kwargs.pop("return_stats", False)
     g = torch.Generator(device=model.device).manual_seed(seed)
-    seqs, passes = [], []
+    seqs, passes, trips, solves = [], [], 0, 0
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
         out = model.generate(batch_size=n, seq_len=seq_len, generator=g, return_dict_in_generate=True, **gen_kwargs)
         seqs.append(out.sequences.cpu())
         passes.append(out.block_passes.float().cpu())
-    return torch.cat(seqs), torch.cat(passes).mean().item()
+        for step in out.step_stats:
+            ran = step["ran"]
+            trips += int(((step["diverged"] | step["cold_start"]) & ran).sum())
+            solves += int(ran.sum())
+    result = (torch.cat(seqs), torch.cat(passes).mean().item())
+    return (*result, trips / max(solves, 1)) if return_stats else result
 
 
-def score(sequences, tokenizer, eval_lm, eval_tok, batch_size: int = 8) -> dict:
+def score(sequences, tokenizer, eval_lm, eval_tok, batch_size: int = 8, seed: int = 0) -> dict:
+    """Generative perplexity (with its bootstrap interval), pooled perplexity and unigram entropy."""
     from .metrics import generative_perplexity, unigram_entropy
 
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=False)
@@ -84,170 +87,120 @@ def score(sequences, tokenizer, eval_lm, eval_tok, batch_size: int = 8) -> dict:
     return {
         "gen_ppl": float(ppl["gen_ppl"]),
         "pooled_ppl": float(ppl["pooled_ppl"]),
+        "ci95": bootstrap_ci(ppl["per_sample_nll"], seed=seed),
+        "per_sample_nll": [round(float(v), 5) for v in ppl["per_sample_nll"]],
         "entropy": float(unigram_entropy(sequences).mean()),
         "texts": texts,
     }
 
 
+def _evaluators(args, device) -> dict:
+    """label -> (model, tokenizer, info) for every `--eval-lm`."""
+    from .metrics import load_eval_lm
+
+    labels = args.eval_lm_names or args.eval_lm
+    if len(labels) != len(args.eval_lm):
+        raise ValueError(f"--eval-lm-names needs one label per --eval-lm ({len(args.eval_lm)}), got {len(labels)}.")
+    lms = {}
+    for label, spec in zip(labels, args.eval_lm, strict=True):
+        lm, tok, info = load_eval_lm(spec)
+        lms[label] = (lm.to(device), tok, info)
+    return lms
+
+
 def run_sweep(args) -> tuple[list[SweepPoint], dict]:
     from tqdm.auto import tqdm
-
-    from .metrics import load_eval_lm
 
     out = Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    eval_lm, eval_tok, lm_info = load_eval_lm(args.eval_lm)
-    eval_lm.to(device)
+    lms = _evaluators(args, device)
+    lm_info = {label: info for label, (_, _, info) in lms.items()}
     points, done = [], _resume(out)
     for i, model_dir in enumerate(args.model):
         model, tokenizer = _load(model_dir, device)
         name = _label(model_dir, args.names, i)
         reuse_modes = args.reuse if model.config.num_fp_layers else ["none"]
-        jobs = [
-            (r, s, b, t)
-            for r in reuse_modes
-            for s in args.fp_schedule
-            for b in args.budgets
-            for t in step_grid(model.config, b, tuple(args.fp_iters))
-        ]
-        for reuse, sched, budget, steps in tqdm(jobs, desc=name):
-            key = f"{name}|{reuse}|{sched}|{budget}|{steps}|n{args.num_samples}|L{args.seq_len}|s{args.seed}"
-            if key in done:
-                points.append(done[key])
-                continue
-            where = (name, reuse, sched, budget, steps)
-            point = _run_point(model, tokenizer, (eval_lm, eval_tok), args, out, key, where)
-            points.append(point)
-            _append_jsonl(out / "points.jsonl", {"key": key, **asdict(point)})
+        schedules = args.fp_schedule if model.config.num_fp_layers else args.fp_schedule[:1]
+        tols = args.fp_tol if model.config.num_fp_layers else [None]
+        jobs = [(r, s, tol, b) for r in reuse_modes for s in schedules for tol in tols for b in args.budgets]
+        for reuse, sched, tol, budget in tqdm(jobs, desc=name):
+            setting = _Setting(name, reuse, sched, tol, budget)
+            points += _budget_points(model, tokenizer, lms, args, out, done, setting)
     write_reports(points, out, lm_info, vars(args))
     return points, lm_info
 
 
-def _run_point(model, tokenizer, lm, args, out: Path, key: str, where: tuple) -> SweepPoint:
-    """Sample and score one (model, reuse, schedule, budget, steps) point. A solver that meets non-finite
-    iterates (a non-contractive shared block, see FPMGMConfig.fp_state_norm) gives a `diverged` point (NaN
-    scores) instead of ending the sweep."""
-    name, reuse, sched, budget, steps = where
+class _Setting:
+    def __init__(self, model, reuse, schedule, tol, budget):
+        self.model, self.reuse, self.schedule, self.tol, self.budget = model, reuse, schedule, tol, budget
+
+    def key(self, steps, n, evaluator, args) -> str:
+        tol = "" if self.tol is None else f"|tol{self.tol:g}"
+        return (f"{self.model}|{self.reuse}|{self.schedule}{tol}|{self.budget}|{steps}|n{n}|L{args.seq_len}"
+                f"|s{args.seed}|{evaluator}")
+
+
+def _budget_points(model, tokenizer, lms, args, out, done, setting) -> list[SweepPoint]:
+    """Pilot points for every step-count candidate (when there are several), then the winner with the full
+    sample count under every evaluator."""
+    grid = step_grid(model.config, setting.budget, tuple(args.fp_iters))
+    first = next(iter(lms))
+    points = []
+    if len(grid) > 1 and args.pilot_samples:
+        pilots = [_point(model, tokenizer, {first: lms[first]}, args, out, done, setting, t, args.pilot_samples)[0]
+                  for t in grid]
+        for p in pilots:
+            p.status = "pilot" if p.status == "ok" else p.status
+        points += pilots
+        grid = [min(pilots, key=lambda p: (math.isnan(p.gen_ppl), p.gen_ppl)).num_steps]
+    for steps in grid:
+        points += _point(model, tokenizer, lms, args, out, done, setting, steps, args.num_samples)
+    return points
+
+
+def _point(model, tokenizer, lms, args, out, done, setting, steps, n) -> list[SweepPoint]:
+    """Sample one setting once and score it with each evaluator (resumed points are read back). A solver that
+    meets a non-finite iterate (strict models, `fp_divergence_patience=None`) gives `diverged` points."""
+    keys = {label: setting.key(steps, n, label, args) for label in lms}
+    if all(k in done for k in keys.values()):
+        return [done[k] for k in keys.values()]
+    where = (setting.model, setting.reuse, setting.schedule, setting.budget, steps)
+    common = dict(evaluator="", n_samples=n, fp_tol=setting.tol)
     t0 = time.perf_counter()
     try:
-        seqs, passes = generate_samples(model, args.num_samples, args.seq_len, args.batch_size, args.seed,
-                                        budget=budget, num_steps=steps, reuse=reuse, fp_schedule=sched,
-                                        sampler="ancestral", use_cache=True)
+        seqs, passes, trips = generate_samples(
+            model, n, args.seq_len, args.batch_size, args.seed, budget=setting.budget, num_steps=steps,
+            reuse=setting.reuse, fp_schedule=setting.schedule, fp_tol=setting.tol, sampler="ancestral",
+            use_cache=True, return_stats=True)
     except FloatingPointError as err:
         nan = float("nan")
-        return SweepPoint(*where, nan, nan, nan, nan, time.perf_counter() - t0, "", {"diverged": str(err)[:300]})
+        result = []
+        for label, key in keys.items():
+            p = SweepPoint(*where, nan, nan, nan, nan, time.perf_counter() - t0, "", {"diverged": str(err)[:300]},
+                           **dict(common, evaluator=label), status="diverged")
+            _append_jsonl(out / "points.jsonl", {"key": key, **asdict(p)})
+            result.append(p)
+        return result
     seconds = time.perf_counter() - t0
-    scores = score(seqs, tokenizer, *lm)
-    sample_file = "samples/" + re.sub(r"[^A-Za-z0-9.+=-]+", "_", key) + ".jsonl"
-    _write_jsonl(out / sample_file, scores.pop("texts"))
-    return SweepPoint(*where, scores["gen_ppl"], scores["pooled_ppl"], scores["entropy"], passes, seconds,
-                      sample_file)
-
-
-def _rank(p: SweepPoint) -> tuple:
-    return (math.isnan(p.gen_ppl), p.gen_ppl)  # diverged points lose to any finite one
-
-
-def best_per_budget(points: list[SweepPoint]) -> list[SweepPoint]:
-    """The lowest-gen-PPL step count for every (model, reuse, schedule, budget); diverged points only where
-    every step count diverged."""
-    best: dict[tuple, SweepPoint] = {}
-    for p in points:
-        key = (p.model, p.reuse, p.fp_schedule, p.budget)
-        if key not in best or _rank(p) < _rank(best[key]):
-            best[key] = p
-    return sorted(best.values(), key=lambda p: (p.model, p.reuse, p.fp_schedule, p.budget))
-
-
-def markdown_table(points: list[SweepPoint], lm_info: dict) -> str:
-    rows = best_per_budget(points)
-    budgets = sorted({p.budget for p in rows})
-    lines = [
-        f"Generative perplexity / unigram entropy; evaluation LM `{lm_info.get('name')}`"
-        + (
-            ""
-            if lm_info.get("comparable_to_published")
-            else " (offline stand-in: NOT comparable with published numbers)"
-        )
-        + "; best step count per budget in brackets.",
-        "",
-        "| model | reuse | schedule | " + " | ".join(f"B{b}" for b in budgets) + " |",
-        "|---|---|---|" + "---|" * len(budgets),
-    ]
-    configs = sorted({(p.model, p.reuse, p.fp_schedule) for p in rows})
-    for cfg in configs:
-        cells = []
-        for b in budgets:
-            hit = [p for p in rows if (p.model, p.reuse, p.fp_schedule) == cfg and p.budget == b]
-            cells.append(_cell(hit[0]) if hit else "—")
-        lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(p: SweepPoint) -> str:
-    if math.isnan(p.gen_ppl):
-        return f"diverged [T={p.num_steps}]"
-    return f"{p.gen_ppl:.1f} / {p.entropy:.2f} [T={p.num_steps}]"
-
-
-def plot(points: list[SweepPoint], path: Path, title: str = "") -> Optional[Path]:
-    """Quality vs budget (one line per model/config), entropy beside it. Needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = best_per_budget(points)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for cfg in sorted({(p.model, p.reuse, p.fp_schedule) for p in rows}):
-        pts = sorted((p for p in rows if (p.model, p.reuse, p.fp_schedule) == cfg), key=lambda p: p.budget)
-        label = (
-            cfg[0]
-            if cfg[1] == "none" and len({q.reuse for q in rows if q.model == cfg[0]}) == 1
-            else f"{cfg[0]} ({cfg[1]}, {cfg[2]})"
-        )
-        ax1.plot([p.budget for p in pts], [p.gen_ppl for p in pts], marker="o", label=label)
-        ax2.plot([p.budget for p in pts], [p.entropy for p in pts], marker="o", label=label)
-    for ax, ylabel in ((ax1, "generative perplexity (lower is better)"), (ax2, "unigram entropy (nats)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget (transformer-block passes per sample)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    if any(p.gen_ppl > 0 for p in rows):  # NaN (diverged) compares False
-        ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_reports(points, out: Path, lm_info: dict, settings: dict) -> None:
-    payload = {
-        "eval_lm": lm_info,
-        "settings": {k: v for k, v in settings.items() if k != "func"},
-        "points": [asdict(p) for p in points],
-        "best": [asdict(p) for p in best_per_budget(points)],
-    }
-    _atomic_text(out / "results.json", json.dumps(payload, indent=2))
-    _atomic_text(out / "results.md", markdown_table(points, lm_info))
-    plot(points, out / "quality_vs_budget.png", title=f"eval LM: {lm_info.get('name')}")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    result = []
+    for label, (lm, lm_tok, _) in lms.items():
+        scores = score(seqs, tokenizer, lm, lm_tok, seed=args.seed)
+        sample_file = "samples/" + re.sub(r"[^A-Za-z0-9.+=-]+", "_", keys[label]) + ".jsonl"
+        _write_jsonl(out / sample_file, scores.pop("texts"))
+        p = SweepPoint(*where, scores["gen_ppl"], scores["pooled_ppl"], scores["entropy"], passes, seconds,
+                       sample_file, {"safety_net_share": trips, "per_sample_nll": scores["per_sample_nll"]},
+                       **dict(common, evaluator=label),
+                       ci95=scores["ci95"])
+        _append_jsonl(out / "points.jsonl", {"key": keys[label], **asdict(p)})
+        result.append(p)
+    return result
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
-    _atomic_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    from .sweep_report import atomic_text
+
+    atomic_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -300,22 +253,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 2, 4, 8],
         help="FP models: mean iterations per step to try at each budget (each gives a step count)",
     )
-    sw.add_argument("--num-samples", type=int, default=32, help="samples per point")
+    sw.add_argument(
+        "--fp-tol",
+        nargs="+",
+        type=lambda v: None if v == "none" else float(v),
+        default=[None],
+        help="FP models: adaptive-stopping tolerances to sweep ('none' = fixed iterations)",
+    )
+    sw.add_argument("--num-samples", type=int, default=32, help="samples per final point")
+    sw.add_argument(
+        "--pilot-samples",
+        type=int,
+        default=0,
+        help="samples per step-count candidate when choosing the step count (0: every candidate gets --num-samples)",
+    )
     sw.add_argument("--seq-len", type=int, default=128, help="sample length in tokens")
     sw.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
     sw.add_argument(
         "--eval-lm",
-        default="gpt2-large",
-        help="causal LM for generative perplexity (offline: falls back explicitly to SmolLM2)",
+        nargs="+",
+        default=["gpt2-large"],
+        help="causal LM(s) for generative perplexity, Hub ids or folders (offline: gpt2-large falls back "
+        "explicitly to SmolLM2); the first one chooses the step count",
     )
+    sw.add_argument("--eval-lm-names", nargs="+", help="labels of the evaluation LMs (default: as given)")
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every point)")
     sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     sw.add_argument("--out", default="outputs/sweep", help="output folder (re-runs resume from points.jsonl)")
+    from .reference_lm import build_parser as reference_lm_parser
+
+    reference_lm_parser(sub.add_parser("train-lm", help="train an in-domain causal LM to score samples with"))
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train-lm":
+        from .reference_lm import train_reference_lm
+
+        print(train_reference_lm(args))
+        return 0
     for path in args.model:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"--model {path!r} is not a save_pretrained folder (no config.json).")

@@ -70,11 +70,15 @@ def residual_norms(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> t
 
     new, old: `(B, *S, D)`; mask: `(B, *S)` bool or None. Returns two `(B,)` tensors.
     """
-    diff = (new - old).detach().float().pow(2).sum(-1)  # (B, *S)
-    ref = old.detach().float().pow(2).sum(-1)
+    new, old = new.detach(), old.detach()
+    delta = new - old
     if mask is not None:
-        diff, ref = diff * mask, ref * mask
-    return diff.flatten(1).sum(1).sqrt(), ref.flatten(1).sum(1).sqrt()
+        m = mask.unsqueeze(-1).to(old.dtype)  # (B, *S, 1)
+        delta, old = delta * m, old * m
+    dims = tuple(range(1, old.dim()))
+    work = torch.float64 if old.dtype == torch.float64 else torch.float32  # never below fp32
+    return (torch.linalg.vector_norm(delta, dim=dims, dtype=work).float(),
+            torch.linalg.vector_norm(old, dim=dims, dtype=work).float())
 
 
 def relative_residual(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -108,7 +112,7 @@ class _ActiveSet:
         self.patience = patience
         if patience is not None:
             B = z0.shape[0]
-            self.best_z = z0.clone()
+            self.best_z = z0
             self.best_res = torch.full((B,), float("inf"), device=z0.device)
             self.last_res = torch.full((B,), float("inf"), device=z0.device)
             self.rising = torch.zeros(B, dtype=torch.long, device=z0.device)
@@ -124,29 +128,36 @@ class _ActiveSet:
             return self.mask
         return self.mask[self.rows]
 
+    def get(self, t: Tensor) -> Tensor:
+        """The active rows of a per-sample tensor (the tensor itself while every row is active)."""
+        return t if self.all_rows else t[self.rows]
+
+    def put(self, t: Tensor, value: Tensor) -> Tensor:
+        """`t` with its active rows replaced by `value` (`value` itself while every row is active)."""
+        return value if self.all_rows else t.index_copy(0, self.rows, value)
+
     def record(self, step: int, new: Tensor, old: Tensor, norms: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """Store `new` for the active rows and update the stats; `norms` = `(||f(z) - z||, ||z||)` default to
         `new` against `old`. Returns the keep-iterating mask over the active rows."""
         diff, ref = residual_norms(new, old, self.sub_mask()) if norms is None else norms
         res = diff / ref.clamp_min(_EPS)
         finite = torch.isfinite(res)  # a non-finite entry anywhere in `new` makes its residual non-finite
-        if not bool(finite.all()):
+        all_finite = bool(finite.all())
+        if not all_finite:
             new = self._nonfinite(step, new, old, finite)
-        self.stats.iterations[self.rows] += 1
-        self.stats.residual[self.rows] = torch.where(finite, res, self.stats.residual[self.rows])
-        if self.stats.trace is not None:
-            self.stats.trace[self.rows, step] = res
-        keep = finite.clone()
+        st = self.stats
+        st.iterations = self.put(st.iterations, self.get(st.iterations) + 1)
+        st.residual = self.put(st.residual, res if all_finite else torch.where(finite, res, self.get(st.residual)))
+        if st.trace is not None:
+            st.trace[self.rows, step] = res
+        keep = finite
         if self.patience is not None:
             new, keep = self._safety_net(new, diff, finite, keep)
-        if self.all_rows:
-            self.z = new
-        else:
-            self.z = self.z.index_copy(0, self.rows, new)
+        self.z = self.put(self.z, new)
         if self.tol is not None:
             done = keep & (res < self.tol)
-            self.stats.converged[self.rows[done]] = True
-            keep &= ~done
+            st.converged = self.put(st.converged, self.get(st.converged) | done)
+            keep = keep & ~done
         return keep
 
     def _nonfinite(self, step, new, old, finite):
@@ -161,18 +172,21 @@ class _ActiveSet:
 
     def _safety_net(self, new, diff, finite, keep):
         """Track the best iterate per row; stop rows whose residual rose `patience` times in a row (or that
-        went non-finite) and set them back to their best iterate."""
-        rows = self.rows
-        improved = finite & (diff < self.best_res[rows])
-        self.best_res[rows] = torch.where(improved, diff, self.best_res[rows])
-        best = torch.where(improved.view(-1, *([1] * (new.dim() - 1))), new, self.best_z[rows])
-        self.best_z[rows] = best
-        rose = finite & (diff > self.last_res[rows])
-        self.rising[rows] = torch.where(rose, self.rising[rows] + 1, torch.zeros_like(self.rising[rows]))
-        self.last_res[rows] = torch.where(finite, diff, self.last_res[rows])
-        tripped = (self.rising[rows] >= self.patience) | ~finite
+        went non-finite) and set them back to their best iterate. The best iterate is kept by reference while
+        every row improves (the contraction case), so it costs no copy there."""
+        improved = finite & (diff < self.get(self.best_res))
+        if bool(improved.all()):
+            best = new
+        else:
+            best = torch.where(improved.view(-1, *([1] * (new.dim() - 1))), new, self.get(self.best_z))
+        self.best_z = self.put(self.best_z, best)
+        self.best_res = self.put(self.best_res, torch.where(improved, diff, self.get(self.best_res)))
+        rising = torch.where(finite & (diff > self.get(self.last_res)), self.get(self.rising) + 1, 0)
+        self.rising = self.put(self.rising, rising)
+        self.last_res = self.put(self.last_res, torch.where(finite, diff, self.get(self.last_res)))
+        tripped = (rising >= self.patience) | ~finite
         if bool(tripped.any()):
-            self.stats.diverged[rows[tripped]] = True
+            self.stats.diverged = self.put(self.stats.diverged, self.get(self.stats.diverged) | tripped)
             new = torch.where(tripped.view(-1, *([1] * (new.dim() - 1))), best, new)
             keep = keep & ~tripped
         return new, keep
