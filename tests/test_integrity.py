@@ -145,7 +145,7 @@ def test_bare_model_loads_from_a_checkpoint_with_a_head(saved):
 
 
 def test_vq_model_is_checked_too(tmp_path):
-    VQVAEModel(VQVAEConfig(hidden_channels=8, codebook_size=16, embedding_dim=4)).save_pretrained(tmp_path / "vq")
+    VQVAEModel(VQVAEConfig(hidden_channels=8, codebook_size=16, code_dim=4)).save_pretrained(tmp_path / "vq")
     _rewrite_weights(tmp_path / "vq", lambda sd: {k: v for k, v in sd.items() if "decoder" not in k})
     expect_error(AREA, "VQ tokenizer missing its decoder tensors", _load(tmp_path / "vq", VQVAEModel),
                  CheckpointFolderError, r"missing tensors \(\d+; .*decoder")

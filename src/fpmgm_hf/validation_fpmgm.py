@@ -202,7 +202,7 @@ def manifest_problems(files: dict, resolve, names) -> list[str]:
             continue
         size = os.path.getsize(path)
         if size != want["size"]:  # cheap, and names the usual damage: appended or cut bytes
-            problems.append(f"{name}: {size} bytes, {want['size']} when saved (bytes appended or cut)")
+            problems.append(f"{name}: {size} bytes, {want['size']} when saved (replaced, or bytes appended or cut)")
         elif (got := file_digest(path)["sha256"]) != want["sha256"]:
             problems.append(f"{name}: content changed since the save (sha256 {got[:12]}..., saved "
                             f"{want['sha256'][:12]}...): bit flips or an edit")
