@@ -101,6 +101,16 @@ def test_unparsable_json_names_the_file(saved, name):
                  rf"{name}: not valid JSON")
 
 
+@pytest.mark.parametrize("name, field, value", [("generation_config.json", "num_steps", -3),
+                                                ("config.json", "num_attention_heads", 5)])
+def test_invalid_config_value_names_the_file(saved, name, field, value):
+    data = json.loads((saved / name).read_text())
+    (saved / name).write_text(json.dumps(dict(data, **{field: value})))
+    (saved / MANIFEST_NAME).unlink()
+    expect_error(AREA, f"{name} with an invalid value ({field}={value})", _load(saved), CheckpointFolderError,
+                 rf"{name}: .*`{field}`")
+
+
 @pytest.mark.parametrize("damage", ["bit flip", "appended bytes"])
 def test_manifest_catches_flips_and_appended_bytes(saved, damage):
     path = saved / "model.safetensors"

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import struct
@@ -399,6 +400,22 @@ def check_model_files(owner: str, name_or_path, kwargs: dict) -> None:
             raise CheckpointFolderError(f"{owner}.from_pretrained: {path}: {why}.")
 
 
+def _name_the_file(owner: str, name_or_path, kwargs: dict, err: ValueError) -> ValueError:
+    """A config check failed inside `from_pretrained` ("`field`=value is invalid"): name the file holding the
+    field (config.json or generation_config.json); other errors are returned unchanged."""
+    field = re.search(r"`(\w+)`", str(err))
+    if field is None or isinstance(err, CheckpointFolderError):
+        return err
+    resolve, _ = _resolver(name_or_path, kwargs)
+    for name in ("generation_config.json", "config.json"):
+        path = resolve(name)
+        if path is not None:
+            with open(path, encoding="utf-8") as f:
+                if field.group(1) in json.load(f):
+                    return CheckpointFolderError(f"{owner}.from_pretrained: {path}: {err}")
+    return err
+
+
 def loading_problems(model, info: dict, allow_mismatch: bool) -> list[str]:
     """Missing, unexpected and shape-mismatched tensors of a finished load (transformers' loading info)."""
     missing = sorted(info.get("missing_keys") or ())
@@ -443,8 +460,14 @@ class CheckedWeightsMixin:
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.get("ignore_mismatched_sizes", False)
         kwargs["ignore_mismatched_sizes"] = True  # mismatches come back in the info, named, not as a bare error
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except ValueError as err:
+            named = _name_the_file(cls.__name__, pretrained_model_name_or_path, kwargs, err)
+            if named is err:
+                raise
+            raise named from err
         problems = loading_problems(model, info, allow_mismatch)
         if problems:
             sub = kwargs.get("subfolder")
