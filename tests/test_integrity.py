@@ -126,9 +126,10 @@ def test_manifest_catches_flips_and_appended_bytes(saved, damage):
 
 
 def test_added_weight_file_is_refused(saved):
-    shutil.copy(saved / "model.safetensors", saved / "pytorch_model.safetensors")
+    shutil.copy(saved / "model.safetensors", saved / "model-00001-of-00002.safetensors")
+    (saved / "training_args.bin").write_bytes(b"not a model file: ignored")
     expect_error(AREA, "weights file added after the save", _load(saved), CheckpointFolderError,
-                 r"pytorch_model\.safetensors: not listed")
+                 r"model-00001-of-00002\.safetensors: not listed")
 
 
 def test_folder_without_manifest_loads_with_a_warning(saved, caplog):
@@ -243,7 +244,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new_never_a_mix(tmp_path):
     rng, trials, seen = random.Random(0), 20, {"old": 0, "new": 0, "mixed or unloadable": 0}
     for _ in range(trials):
         a.save_pretrained(out)
-        _save_in_child(b, out, rng.uniform(0.0, duration))
+        _save_in_child(b, out, rng.uniform(0.0, duration / 2))  # the lifetime includes fork and exit
         try:
             model = FPMGMForMaskedGeneration.from_pretrained(out)
             ref = a if model.config.num_pre_layers == 1 else b

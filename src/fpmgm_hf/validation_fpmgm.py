@@ -124,7 +124,7 @@ def _zip_problem(path: str):
 MANIFEST_NAME = "checksums.json"
 # The files a model load reads; `from_pretrained` verifies these (tokenizer files, README, ... are not read).
 _CONFIG_FILES = ("config.json", "generation_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 _SHOW = 12  # names listed per problem kind before "... and N more"
 
 
@@ -134,7 +134,9 @@ class CheckpointFolderError(OSError, ValueError):
 
 
 def _loaded_by_model(name: str) -> bool:
-    return name in _CONFIG_FILES or name.endswith(_WEIGHT_SUFFIXES)
+    """config / generation config / transformers' weight files (shards and index included); not, e.g., a
+    Trainer's `training_args.bin` or the converter's `cka.pt`."""
+    return name in _CONFIG_FILES or _WEIGHT_FILE.fullmatch(name) is not None
 
 
 def _short(items) -> str:
@@ -379,7 +381,7 @@ def check_model_files(owner: str, name_or_path, kwargs: dict) -> None:
     manifest = resolve(MANIFEST_NAME)
     files = read_manifest(manifest) if manifest is not None else None
     # Truncation first: its message ("truncated, the tensors need N bytes") says more than a size difference.
-    names = os.listdir(folder) if folder is not None else [n for n in files or () if _loaded_by_model(n)]
+    names = [n for n in (os.listdir(folder) if folder is not None else files or ()) if _loaded_by_model(n)]
     bad = [line for n in sorted(names) if (path := resolve(n)) and (line := _file_problem(path))]
     if bad:
         raise CheckpointFolderError(f"{owner}.from_pretrained: truncated or corrupt weights in {where!r}:\n  "
