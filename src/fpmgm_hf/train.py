@@ -390,8 +390,10 @@ class Trainer:
         try:
             self.acc.load_state(path)  # model safetensors; optimizer.bin with torch.load(weights_only=True)
         except pickle.UnpicklingError as err:
+            lines = str(err).splitlines() or [""]
+            why = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])  # e.g. the refused global
             raise ValueError(f"--resume: {path!r} holds a pickle that the safe loader refuses (corrupt, or a planted "
-                             f"object); nothing was run: {str(err).splitlines()[0]}") from err
+                             f"object); nothing was run: {why}") from err
         if self.ema is not None:
             self.ema.load(path)
         step = trainer_state.load_rng(path, self.acc.process_index, self.generator)
