@@ -20,15 +20,18 @@ ROWS_ENV = "FPMGM_RELIABILITY_ROWS"
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
 TEST_FILES = ["tests/test_reliability.py", "tests/test_security.py", "tests/test_integrity.py",
-              "tests/test_mdlm_import.py", "tests/test_runlock.py"]
+              "tests/test_runlock.py", "tests/test_mdlm_checkpoint_safety.py"]
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
-_TMP = re.compile(r"(/private)?/tmp/[^\s'\"]*?/(?=[^/\s'\"]+)")  # pytest's tmp folders, shortened to ".../"
+# A test's tmp folder (pytest's or tempfile's), shortened to ".../".
+_TMP = re.compile(r"(?:/private)?/tmp/(?:pytest-of-[^/]+/pytest-\d+/)?[^/\s'\"]+/")
 
 
-def short(message: str, limit: int = 150) -> str:
-    """The first line of an error message, tmp paths shortened, at most `limit` characters."""
-    line = _TMP.sub(".../", str(message).strip().splitlines()[0] if str(message).strip() else "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def short(message: str, limit: int = 220) -> str:
+    """The first two lines of an error message (the second usually names the tensor or file), tmp paths
+    shortened, at most `limit` characters."""
+    lines = [line.strip() for line in str(message).strip().splitlines()[:2]]
+    text = _TMP.sub(".../", " ".join(lines))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def record(area: str, case: str, got: str, tried: int = 1, failures: int = 0) -> None:
