@@ -13,7 +13,10 @@ decoded sample) -> optionally fine-tune against the frozen MDLM (`fpmgm_hf.disti
 `fpmgm_hf.train.Trainer` loop: checkpoints in `--work-dir`, `--resume latest`, JSONL log, validation, early
 stop; optional consistency term / stage and LoRA) -> save with `save_pretrained` (code files + auto_map,
 generation_config.json) plus the tokenizer, a README.md model card and a `conversion.json` report -> optionally
-push the folder to the Hub. Only the main process writes, into `OUTPUT.tmp-*`, renamed into place at the end.
+push the folder to the Hub. Only the main process writes, into `OUTPUT.tmp-*` (with a `checksums.json`
+manifest), renamed into place at the end; it holds `OUTPUT.lock` for the whole run, so a second conversion to
+the same output is refused. A Lightning `.ckpt` is read without running code from it (`--trust-pickle` to
+override, unsafe), and a `--tokenizer` folder's own code only runs with `--trust-remote-code`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mdlm", required=True,
                    help="MDLM checkpoint: Hub repo id (e.g. kuleshov-group/mdlm-owt), a folder with config.json + "
                         "model.safetensors, a single .safetensors file, or a Lightning .ckpt")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="UNSAFE: read a Lightning .ckpt with full unpickling, which runs any code the file contains "
+                        "(default: tensors, plain containers and Lightning's config / tokenizer objects only; "
+                        "anything else is refused by name)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="for a Lightning .ckpt: use the EMA weights ckpt['ema']['shadow_params'] (--no-ema: "
                         "ckpt['state_dict']); Hub weights are a single set")
@@ -64,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="gpt2",
                    help="tokenizer name or local folder; its length (mask token included) must equal the "
                         "checkpoint's vocab size")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="UNSAFE: let a --tokenizer folder run its own Python code (an auto_map entry)")
     p.add_argument("--data", default=None,
                    help="text for verification and fine-tuning: a Hub dataset name (streamed, 'train' split, "
                         "e.g. openwebtext), comma-separated local .txt/.jsonl files, or a bundled corpus "
@@ -147,13 +156,16 @@ def parse_layers(spec: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int):
-    """A local folder loads with AutoTokenizer; a name goes through `fpmgm_hf.assets.load_tokenizer`
-    (offline fallback, [MASK] appended) when available, else AutoTokenizer. Then the vocab must match."""
+def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int, trust_remote_code: bool = False):
+    """A local folder loads with AutoTokenizer (its own code only with `trust_remote_code`); a name goes through
+    `fpmgm_hf.assets.load_tokenizer` (offline fallback, [MASK] appended) when available, else AutoTokenizer.
+    Then the vocab must match."""
     from transformers import AutoTokenizer
 
     if os.path.isdir(name_or_path):
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)  # may be a model folder
+        from fpmgm_hf.data import auto_tokenizer
+
+        tok = auto_tokenizer(name_or_path, trust_remote_code)
     else:
         try:
             from fpmgm_hf.assets import load_tokenizer as shared
@@ -337,6 +349,8 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
                 card=None) -> None:
     """Main process only: write into OUTPUT.tmp-<id>, then move it into place (replacing on --overwrite)."""
     if state.is_main_process:
+        from fpmgm_hf.validation_fpmgm import write_manifest
+
         tmp = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             student.save_pretrained(str(tmp))
@@ -349,6 +363,7 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
                 torch.save(cka, tmp / "cka.pt")
                 report["cka_png"] = save_cka_png(cka, tmp / "cka.png")
             (tmp / "conversion.json").write_text(json.dumps(report, indent=2, default=str))
+            write_manifest(str(tmp))  # sha256 of every file, verified by from_pretrained
             if output.exists():
                 if not overwrite:
                     raise FileExistsError(f"{output} appeared while converting; pass --overwrite to replace it.")
@@ -369,13 +384,21 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from fpmgm_hf.layer_mapping import map_layers
-    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint
+    from fpmgm_hf.runlock import run_lock
 
     # Like Accelerator: ACCELERATE_USE_CPU=1 (e.g. under torchrun on CPU) must give a multi-CPU state here too,
     # otherwise every process would see itself as the main process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output)
+    # A sibling file: the output folder itself is replaced at the end. One conversion per output at a time.
+    with run_lock(output.with_name(output.name + ".lock"), enabled=state.is_main_process):
+        return convert(args, state, output)
+
+
+def convert(args, state, output: Path) -> int:
+    from fpmgm_hf.layer_mapping import map_layers
+    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint
+
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"output {output} exists; pass --overwrite to replace it.")
     num_pre, num_fp, num_post = parse_layers(args.layers)
@@ -396,12 +419,12 @@ def main(argv=None) -> int:
         state.wait_for_everyone()
     t0 = time.time()
 
-    teacher = load_mdlm_checkpoint(args.mdlm, ema=args.ema).to(state.device)
+    teacher = load_mdlm_checkpoint(args.mdlm, ema=args.ema, trust_pickle=args.trust_pickle).to(state.device)
     cfg = teacher.config
     _say(state, f"[import] {args.mdlm}: {cfg.num_pre_layers} layers, hidden {cfg.hidden_size}, heads "
                 f"{cfg.num_attention_heads}, vocab {cfg.vocab_size} ({'EMA' if args.ema else 'raw'} weights) "
                 f"in {time.time() - t0:.1f}s")
-    tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size, cfg.mask_token_id)
+    tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size, cfg.mask_token_id, args.trust_remote_code)
     seq_len = args.seq_len or cfg.max_position_embeddings
     x_val = verification_batch(args, tokenizer, seq_len)
 

@@ -199,5 +199,5 @@ def test_two_processes_under_torchrun(assets, tmp_path):
     report = json.loads((out / "conversion.json").read_text())
     assert report["training"]["processes"] == 2
     ckpt = tmp_path / "ddp.work" / "distill" / "checkpoints" / "step_2"
-    assert {"generator_0.pt", "generator_1.pt"} <= set(os.listdir(ckpt))
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= set(os.listdir(ckpt))
     assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 2

@@ -211,6 +211,11 @@ def test_lightning_ckpt_uses_ema_by_default(ckpts):
     assert not torch.allclose(ema, raw, atol=1e-2)
 
 
+def test_single_safetensors_file_reads_the_sibling_config(ckpts):
+    model = load_mdlm_checkpoint(ckpts["hub"] / "model.safetensors")
+    assert model.config.max_position_embeddings == LENGTH
+
+
 def test_ckpt_without_hyper_parameters_configured_from_shapes_and_overrides(ckpts):
     model = load_mdlm_checkpoint(ckpts["bare_ckpt"], max_position_embeddings=LENGTH, dropout=0.0)
     assert (model.config.num_attention_heads, model.config.cond_dim, model.config.dropout) == (HEADS, COND, 0.0)
@@ -218,35 +223,6 @@ def test_ckpt_without_hyper_parameters_configured_from_shapes_and_overrides(ckpt
     with torch.no_grad():
         torch.testing.assert_close(model(ids, return_dict=True).logits, reference_logits(ckpts["ema"], ids),
                                    atol=1e-4, rtol=1e-4)
-
-
-class FakeDictConfig:
-    """Stands in for an OmegaConf DictConfig in Lightning hyper-parameters: a pickled custom class."""
-
-    def __init__(self, data):
-        self._data = data
-
-    def items(self):
-        return self._data.items()
-
-
-def test_pickled_hyper_parameters_fall_back_with_warning_and_single_safetensors_file(ckpts, tmp_path):
-    path = write_lightning_ckpt(tmp_path / "omega.ckpt", ckpts["raw"], ckpts["ema"], hparams=False)
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["hyper_parameters"] = {"config": FakeDictConfig({
-        "model": FakeDictConfig({"hidden_size": H, "n_heads": HEADS, "n_blocks": BLOCKS, "cond_dim": COND,
-                                 "length": 48, "dropout": 0.0}),
-        "time_conditioning": False})}
-    torch.save(ckpt, path)
-    with pytest.warns(UserWarning, match="weights_only"):
-        model = load_mdlm_checkpoint(path, ema=False)
-    assert (model.config.max_position_embeddings, model.config.dropout) == (48, 0.0)
-    ids = _ids(7)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, return_dict=True).logits, reference_logits(ckpts["raw"], ids),
-                                   atol=1e-4, rtol=1e-4)
-    single = load_mdlm_checkpoint(ckpts["hub"] / "model.safetensors")  # the sibling config.json is read
-    assert single.config.max_position_embeddings == LENGTH
 
 
 def test_key_map_covers_full_size_mdlm_owt():

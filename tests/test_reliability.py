@@ -1,24 +1,33 @@
-"""Reliability: SIGKILL in the middle of the demo and of the converter loses nothing, and truncated or
-corrupt weights and checkpoints are reported with the file that is bad."""
+"""Reliability: SIGKILL in the middle of the demo and of the converter loses nothing (and the lock the killed run
+leaves is taken over), truncated or corrupt weights and checkpoints are reported with the file that is bad, and
+a hypothesis suite of corrupted files gets a clear error naming the file every time. Rows of the reliability
+table (tests/reliability_table.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reliability_table import record
 from remote_helpers import run_isolated
 from safetensors.torch import load_file
 from test_convert import argv as convert_argv
 from test_convert import convert, make_assets, read_log, train_losses
 from test_evaluation import tiny_lm
+
+from fpmgm_hf.validation_fpmgm import MANIFEST_NAME, CheckpointFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded by every Python process the test starts (PYTHONPATH): slows each optimizer step so that a kill
@@ -42,7 +51,7 @@ def _spawn(cmd: list[str], tmp_path: Path, slow: bool) -> subprocess.Popen:
     if slow:
         (tmp_path / "slow").mkdir(exist_ok=True)
         (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_STEPS)
-        env["PYTHONPATH"] = str(tmp_path / "slow")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "slow"), os.environ.get("PYTHONPATH")]))
     log = open(tmp_path / f"log-{time.monotonic_ns()}.txt", "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -72,8 +81,10 @@ def test_converter_killed_with_sigkill_resumes_bit_identically(assets, tmp_path)
     ckpts = tmp_path / "killed.work" / "distill" / "checkpoints"
     _kill_when(_spawn(cmd, tmp_path, slow=True), lambda: (ckpts / "step_2").is_dir())
     assert not out.exists() and not (ckpts / "step_6").exists()
+    assert (tmp_path / "killed.lock").is_file()  # left by the killed run: stale
     proc = _spawn(cmd + ["--resume", "latest"], tmp_path, slow=False)
     assert proc.wait(timeout=300) == 0
+    assert not (tmp_path / "killed.lock").exists()  # taken over, then released
     log = read_log(tmp_path / "killed.work" / "distill" / "log.jsonl")
     resumed = [r["step"] for r in log if r.get("event") == "resume"]
     assert len(resumed) == 1 and resumed[0] >= 2
@@ -151,3 +162,116 @@ def test_corrupt_training_checkpoint_is_reported_on_resume(tmp_path):
     opt.write_bytes(opt.read_bytes()[:-200])
     with pytest.raises(ValueError, match=r"step_2.*truncated or corrupt[\s\S]*optimizer\.bin"):
         train.main(args[:-3] + ["--max-steps", "4", "--out", str(tmp_path / "run"), "--cpu", "--resume", "latest"])
+
+
+# ------------------------------------------------------------------------------------ corrupted files (fuzz)
+
+FUZZ_FILES = ("model.safetensors", "config.json", "generation_config.json", MANIFEST_NAME)
+DAMAGE = st.tuples(st.sampled_from(["flip", "truncate", "append", "overwrite"]), st.floats(0, 1, exclude_max=True),
+                   st.integers(0, 7), st.binary(min_size=1, max_size=16))
+FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def damage(blob: bytes, kind: str, where: float, bit: int, data: bytes) -> bytes:
+    pos = int(where * len(blob))
+    if kind == "flip":
+        return blob[:pos] + bytes([blob[pos] ^ (1 << bit)]) + blob[pos + 1:]
+    if kind == "truncate":
+        return blob[:pos]
+    if kind == "append":
+        return blob + data
+    return blob[:pos] + data + blob[pos + len(data):]
+
+
+def _fuzz(case_name: str, outcome_of, strategy):
+    """Run hypothesis over `strategy`; `outcome_of(example)` returns (ok, label). Records one row."""
+    seen: dict[str, int] = {}
+
+    @FUZZ
+    @given(strategy)
+    def check(example):
+        ok, label = outcome_of(example)
+        seen[label] = seen.get(label, 0) + 1
+        assert ok, label
+
+    try:
+        check()
+    finally:
+        bad = sum(n for label, n in seen.items() if label.startswith("FAILURE"))
+        got = ", ".join(f"{label} {n}x" for label, n in sorted(seen.items(), key=lambda kv: -kv[1]))
+        record("fuzz", case_name, got, tried=sum(seen.values()), failures=bad)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz") / "m"
+    tiny_model().save_pretrained(folder)
+    return folder
+
+
+def _model_outcome(template: Path, example) -> tuple[bool, str]:
+    from fpmgm_hf import FPMGMForMaskedGeneration
+
+    name, (kind, where, bit, data) = example
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(shutil.copytree(template, Path(tmp) / "m"))
+        blob = (folder / name).read_bytes()
+        new = damage(blob, kind, where, bit, data)
+        (folder / name).write_bytes(new)
+        try:
+            FPMGMForMaskedGeneration.from_pretrained(folder)
+        except CheckpointFolderError as err:
+            named = name in str(err) or name == MANIFEST_NAME  # a damaged manifest may name the file it misjudges
+            return named, "refused, naming the file" if named else f"FAILURE: refused without naming {name}"
+        except Exception as err:  # noqa: BLE001 - anything else is a failure of the check
+            return False, f"FAILURE: {type(err).__name__}"
+    if new == blob:
+        return True, "loaded (bytes unchanged)"
+    if name == MANIFEST_NAME:
+        return True, "loaded (only the manifest's formatting changed; every file verified)"
+    return False, "FAILURE: loaded a damaged folder"
+
+
+def test_fuzz_corrupted_model_folders(saved_model):
+    _fuzz("save_pretrained folder: a flip, cut, append or overwrite in one of " + ", ".join(FUZZ_FILES),
+          lambda ex: _model_outcome(saved_model, ex), st.tuples(st.sampled_from(FUZZ_FILES), DAMAGE))
+
+
+@pytest.fixture(scope="module")
+def mdlm_files(tmp_path_factory):
+    from test_mdlm_import import mdlm_parameter_names, mdlm_state_dict, write_hub_folder, write_lightning_ckpt
+
+    root = tmp_path_factory.mktemp("fuzz_mdlm")
+    raw = mdlm_state_dict(0)
+    assert len(mdlm_parameter_names(3)) == len(raw) - 1
+    write_hub_folder(root / "hub", raw)
+    write_lightning_ckpt(root / "last.ckpt", raw, mdlm_state_dict(1))
+    return root
+
+
+def _mdlm_outcome(root: Path, example) -> tuple[bool, str]:
+    from fpmgm_hf.mdlm_import import MDLMCheckpointError, load_mdlm_checkpoint
+
+    name, (kind, where, bit, data) = example
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(root / "hub", Path(tmp) / "hub")
+        shutil.copy(root / "last.ckpt", Path(tmp) / "last.ckpt")
+        path = Path(tmp) / name
+        blob = path.read_bytes()
+        path.write_bytes(damage(blob, kind, where, bit, data))
+        source = Path(tmp) / ("last.ckpt" if name == "last.ckpt" else "hub")
+        try:
+            load_mdlm_checkpoint(source)
+        except MDLMCheckpointError as err:
+            named = str(source) in str(err)
+            return named, "refused, naming the file" if named else "FAILURE: refused without naming the file"
+        except Exception as err:  # noqa: BLE001
+            return False, f"FAILURE: {type(err).__name__}: {str(err)[:80]}"
+    return True, "imported (no manifest: a change that keeps the file valid and finite is undetectable)"
+
+
+def test_fuzz_corrupted_mdlm_checkpoints(mdlm_files):
+    files = ("hub/model.safetensors", "hub/config.json", "last.ckpt")
+    _fuzz("MDLM import: a flip, cut, append or overwrite in " + ", ".join(files),
+          lambda ex: _mdlm_outcome(mdlm_files, ex), st.tuples(st.sampled_from(files), DAMAGE))

@@ -196,7 +196,7 @@ def test_two_process_smoke(assets, tmp_path):
     ckpt = out / "checkpoints" / "step_3"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
-    assert {"generator_0.pt", "generator_1.pt", "random_states_1.pkl"} <= set(os.listdir(ckpt))
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors", "checksums.json"} <= set(os.listdir(ckpt))
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
     assert os.path.isfile(out / "final" / "config.json")
 

@@ -121,8 +121,8 @@ def test_save_pretrained_round_trip_is_identical(tmp_path):
     model.eval()
     model.save_pretrained(tmp_path / "vq")
     names = sorted(p.name for p in (tmp_path / "vq").iterdir())
-    assert names == ["config.json", "configuration_vqvae.py", "model.safetensors", "modeling_vqvae.py",
-                     "validation_fpmgm.py"]
+    assert names == ["checksums.json", "config.json", "configuration_vqvae.py", "model.safetensors",
+                     "modeling_vqvae.py", "validation_fpmgm.py"]
     config = json.loads((tmp_path / "vq" / "config.json").read_text())
     assert config["model_type"] == "fpmgm_vqvae"
     assert config["auto_map"] == {

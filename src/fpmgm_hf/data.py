@@ -21,15 +21,15 @@ _JSON_SUFFIXES = (".json", ".jsonl")
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
-def load_training_tokenizer(name_or_path: Optional[str] = None):
+def load_training_tokenizer(name_or_path: Optional[str] = None, trust_remote_code: bool = False):
     """A fast tokenizer with a mask token: a local folder (from `save_pretrained`), else a name resolved by
-    `fpmgm_hf.assets.load_tokenizer` (default "gpt2" with [MASK] appended, offline fallback)."""
+    `fpmgm_hf.assets.load_tokenizer` (default "gpt2" with [MASK] appended, offline fallback). A folder whose
+    tokenizer is its own Python code (`auto_map`) is refused unless `trust_remote_code=True`
+    (`--trust-remote-code`), which runs that code."""
     if name_or_path and (os.sep in name_or_path or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
         raise ValueError(f"--tokenizer: folder {name_or_path!r} does not exist.")
     if name_or_path and os.path.isdir(name_or_path):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)  # may be a model folder
+        tokenizer = auto_tokenizer(name_or_path, trust_remote_code)
         if tokenizer.mask_token_id is None:
             tokenizer.add_special_tokens({"mask_token": "[MASK]"})
     else:
@@ -39,6 +39,21 @@ def load_training_tokenizer(name_or_path: Optional[str] = None):
     if tokenizer.mask_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no mask token and none could be added.")
     return tokenizer
+
+
+def auto_tokenizer(folder: str, trust_remote_code: bool = False):
+    """`AutoTokenizer.from_pretrained(folder)` that runs no code from the folder unless `trust_remote_code`; a
+    folder that needs its own code is refused with a ValueError naming it and the flag."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"tokenizer folder {folder!r} wants to run its own Python code (an auto_map entry in its "
+                         "tokenizer_config.json); refused. If you trust that code, pass --trust-remote-code "
+                         "(trust_remote_code=True).") from err
 
 
 # ----------------------------------------------------------------------------------------------- texts

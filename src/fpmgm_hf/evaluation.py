@@ -51,12 +51,15 @@ def _label(model_dir: str, names: Optional[list], i: int) -> str:
     return names[i] if names and i < len(names) else Path(model_dir.rstrip("/")).parent.name or Path(model_dir).name
 
 
-def _load(model_dir: str, device):
-    from transformers import AutoModel, AutoTokenizer
+def _load(model_dir: str, device, trust_remote_code: bool = False):
+    """Model and tokenizer of a folder. Without `trust_remote_code` no code from the folder runs: the model
+    class is fpmgm_hf's own (registered with AutoModel) and a tokenizer needing its own code is refused."""
+    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # the folder maps FPMGMConfig
-    return model, tokenizer
+    from .data import auto_tokenizer
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return model.to(device).eval(), auto_tokenizer(model_dir, trust_remote_code)
 
 
 def generate_samples(model, num_samples: int, seq_len: int, batch_size: int, seed: int, **gen_kwargs):
@@ -118,7 +121,7 @@ def run_sweep(args) -> tuple[list[SweepPoint], dict]:
     lm_info = {label: info for label, (_, _, info) in lms.items()}
     points, done = [], _resume(out)
     for i, model_dir in enumerate(args.model):
-        model, tokenizer = _load(model_dir, device)
+        model, tokenizer = _load(model_dir, device, getattr(args, "trust_remote_code", False))
         name = _label(model_dir, args.names, i)
         reuse_modes = args.reuse if model.config.num_fp_layers else ["none"]
         schedules = args.fp_schedule if model.config.num_fp_layers else args.fp_schedule[:1]
@@ -280,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every point)")
     sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     sw.add_argument("--out", default="outputs/sweep", help="output folder (re-runs resume from points.jsonl)")
+    sw.add_argument("--trust-remote-code", action="store_true", help="UNSAFE: let the --model folders run their code")
     from .reference_lm import build_parser as reference_lm_parser
 
     reference_lm_parser(sub.add_parser("train-lm", help="train an in-domain causal LM to score samples with"))

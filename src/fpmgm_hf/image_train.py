@@ -52,7 +52,7 @@ from .objectives import (
     nested_masks,
 )
 from .scheduling_fpmgm import loglinear_sigma
-from .train import Trainer, add_loop_arguments, begin, export, resolve_resume, run_loop
+from .train import Trainer, add_loop_arguments, begin, export, output_lock, resolve_resume, run_loop
 
 _TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
 PRESETS = {
@@ -350,12 +350,16 @@ def main(argv: Optional[list[str]] = None) -> str:
         train_rows, val_rows = rows[:-n_val], rows[-n_val:]
     acc_kwargs = {"gradient_accumulation_steps": args.grad_accum, "cpu": args.cpu}
     accelerator = Accelerator(**acc_kwargs)
+    with output_lock(args.out, accelerator):  # one run per --out (see fpmgm_hf.runlock)
+        return _train_images(args, accelerator, info, vq_dir, train_rows, val_rows, num_classes)
+
+
+def _train_images(args, accelerator, info: dict, vq_dir, train_rows, val_rows, num_classes: int) -> str:
     resume = resolve_resume(args.resume, args.out)
     model = build_image_model(args, info["codebook_size"], info["grid_size"], num_classes)
     # Fields the shared Trainer reads but images do not use.
     args.seq_len = info["grid_size"][0] * info["grid_size"][1]
     args.sample_steps = 8
-    os.makedirs(args.out, exist_ok=True)
     assets = ImageAssets(vq_dir, {"modality": "image", "codebook_size": info["codebook_size"],
                                   "grid_size": list(info["grid_size"]), "num_classes": num_classes,
                                   "data": str(args.data)})

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .checkpoint_pickle import UnsafeCheckpointError, load_checkpoint, to_plain
 from .configuration_fpmgm import FPMGMConfig
 from .modeling_fpmgm import FPMGMForMaskedGeneration
 
@@ -95,12 +96,15 @@ def _check_inv_freq(key: str, value: Tensor, head_dim: Optional[int]) -> None:
             "n_heads does not match the checkpoint."
         )
     want = expected_inv_freq(hd)
-    err = (value.float().cpu() - want).abs().max().item()
-    if not err <= 1e-6 * float(want.abs().max()):
+    # Compared in fp32; a half-precision checkpoint stores the buffer rounded to its dtype (relative error
+    # up to eps/2), which is not a different rotary scheme.
+    eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
+    err = ((value.float().cpu() - want).abs() / want).max().item()
+    if not err <= max(eps, 1e-6):
         raise MDLMCheckpointError(
-            f"rotary mismatch: `{key}` differs from 1/10000^(arange(0,{hd},2)/{hd}) (max abs diff {err:.3g}); "
-            "this model recomputes rotary embeddings with base 10000 over the full head dim and cannot "
-            "reproduce this checkpoint."
+            f"rotary mismatch: `{key}` differs from 1/10000^(arange(0,{hd},2)/{hd}) (max relative diff {err:.3g}, "
+            f"allowed {max(eps, 1e-6):.3g} for {value.dtype}); this model recomputes rotary embeddings with base "
+            "10000 over the full head dim and cannot reproduce this checkpoint."
         )
 
 
@@ -185,18 +189,6 @@ _LIGHTNING_MODEL_FIELDS = {  # Lightning `config.model` (configs/model/*.yaml) f
 }
 
 
-def _to_plain(obj: Any) -> Any:
-    """OmegaConf DictConfig / nested mappings -> plain dicts (without importing omegaconf)."""
-    if hasattr(obj, "items") and not isinstance(obj, dict):
-        try:
-            obj = dict(obj.items())
-        except Exception:  # noqa: BLE001 - best effort on unknown mapping types
-            return obj
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
-
-
 def mdlm_config_to_fpmgm(cfg_dict: Optional[Mapping[str, Any]] = None, **overrides) -> FPMGMConfig:
     """An [`FPMGMConfig`] (num_fp_layers=0, every MDLM block a pre block) from an MDLM config.
 
@@ -207,7 +199,7 @@ def mdlm_config_to_fpmgm(cfg_dict: Optional[Mapping[str, Any]] = None, **overrid
     upstream `MDLMConfig` class default (129) is wrong. `mask_token_id` is `vocab_size - 1`.
     `overrides` are FPMGMConfig fields and win over the file.
     """
-    cfg = _to_plain(dict(cfg_dict or {}))
+    cfg = to_plain(dict(cfg_dict or {}))
     fields: dict[str, Any] = {}
     if isinstance(cfg.get("model"), dict):  # Lightning hyper_parameters['config']
         for src, dst in _LIGHTNING_MODEL_FIELDS.items():
@@ -260,22 +252,40 @@ def _infer_config_fields(sd: Mapping[str, Tensor]) -> dict[str, Any]:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def _check_tensors(path: Path, where: str, entries: Mapping) -> dict[str, Tensor]:
+    """`entries` as a dict after checking that it is a mapping of finite tensors (`where` names it in `path`)."""
+    if not isinstance(entries, Mapping):
+        raise MDLMCheckpointError(f"{path}: `{where}` is a {type(entries).__name__}, not a mapping of tensors.")
+    for key, value in entries.items():
+        if not isinstance(value, Tensor):
+            raise MDLMCheckpointError(f"{path}: `{where}` entry `{key}` is a {type(value).__name__}, not a tensor.")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise MDLMCheckpointError(f"{path}: tensor `{key}` holds {bad} non-finite values (NaN/inf): a diverged "
+                                      "or corrupt checkpoint; refusing to import it.")
+    return dict(entries)
+
+
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... all mean an unreadable file
         raise MDLMCheckpointError(f"could not read safetensors file {path}: {err} (truncated or corrupt?)") from err
+    return _check_tensors(path, "tensors", tensors)
 
 
 def _read_config(config_file: Path) -> dict:
     if not config_file.is_file():
         return {}
     try:
-        return json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MDLMCheckpointError(f"could not parse {config_file}: {err}") from err
+    if not isinstance(cfg, dict):
+        raise MDLMCheckpointError(f"{config_file} holds a JSON {type(cfg).__name__}, not an object of config fields.")
+    return cfg
 
 
 def _read_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
@@ -302,36 +312,46 @@ def _download(repo_id: str) -> Path:
         ) from err
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path, trust_pickle: bool) -> dict:
+    """The checkpoint's objects, read without running code from it (`checkpoint_pickle.load_checkpoint`)."""
     try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            # Lightning checkpoints store hyper-parameters as OmegaConf objects, which the safe loader
-            # refuses; a corrupt file fails both ways and is reported below.
-            if "weights_only" not in str(err) and "Unsupported global" not in str(err):
-                raise
-            warnings.warn(
-                f"{path}: the safe `weights_only` loader refused this file ({str(err).splitlines()[0]}); "
-                "loading it with full unpickling. Only do this for checkpoints you trust.",
-                stacklevel=3,
-            )
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
+        return load_checkpoint(path, trust_pickle=trust_pickle)
+    except UnsafeCheckpointError as err:
+        raise MDLMCheckpointError(str(err)) from err
+    except Exception as err:  # noqa: BLE001 - a zip, pickle or storage error: an unreadable file
         raise MDLMCheckpointError(f"could not read checkpoint file {path}: {err} (truncated or corrupt?)") from err
 
 
-def _read_lightning(path: Path, ema: bool) -> tuple[dict, dict[str, Tensor]]:
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise MDLMCheckpointError(f"{path} is not a Lightning checkpoint (no `state_dict` entry).")
-    cfg = _to_plain((ckpt.get("hyper_parameters") or {}).get("config") or {})
-    sd = dict(ckpt["state_dict"])
-    if not ema:
-        return cfg, sd
-    shadow = (ckpt.get("ema") or {}).get("shadow_params")
+def _lightning_config(path: Path, ckpt: dict) -> dict:
+    """`hyper_parameters['config']` as plain dicts ({} when absent)."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hparams, Mapping):
+        raise MDLMCheckpointError(f"{path}: `hyper_parameters` is a {type(hparams).__name__}, not a mapping.")
+    cfg = to_plain(hparams.get("config") or {})
+    if not isinstance(cfg, dict):
+        raise MDLMCheckpointError(f"{path}: `hyper_parameters.config` is a {type(cfg).__name__}, not a mapping.")
+    return cfg
+
+
+def _shadow_params(path: Path, ckpt: dict) -> list[Tensor]:
+    ema = ckpt.get("ema")
+    shadow = ema.get("shadow_params") if isinstance(ema, Mapping) else None
     if shadow is None:
         raise MDLMCheckpointError(f"{path} has no EMA weights (`ckpt['ema']['shadow_params']`); pass ema=False.")
+    if not isinstance(shadow, (list, tuple)):
+        raise MDLMCheckpointError(f"{path}: `ema.shadow_params` is a {type(shadow).__name__}, not a list of tensors.")
+    return list(_check_tensors(path, "ema.shadow_params", dict(enumerate(shadow))).values())
+
+
+def _read_lightning(path: Path, ema: bool, trust_pickle: bool = False) -> tuple[dict, dict[str, Tensor]]:
+    ckpt = _torch_load(path, trust_pickle)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise MDLMCheckpointError(f"{path} is not a Lightning checkpoint (no `state_dict` entry).")
+    cfg = _lightning_config(path, ckpt)
+    sd = _check_tensors(path, "state_dict", ckpt["state_dict"])
+    if not ema:
+        return cfg, sd
+    shadow = _shadow_params(path, ckpt)
     pattern = re.compile(r"(?:_orig_mod\.|module\.)*backbone\.blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
     n_blocks = max(blocks) + 1 if blocks else (len(shadow) - 10) // 10
@@ -356,8 +376,11 @@ def _read_lightning(path: Path, ema: bool) -> tuple[dict, dict[str, Tensor]]:
     return cfg, ema_sd
 
 
-def read_mdlm_checkpoint(path_or_repo_id: Union[str, os.PathLike], ema: bool = True) -> tuple[dict, dict[str, Tensor]]:
-    """(config dict, MDLM state dict) from a folder, repo id, `.safetensors` file or Lightning `.ckpt`."""
+def read_mdlm_checkpoint(
+    path_or_repo_id: Union[str, os.PathLike], ema: bool = True, trust_pickle: bool = False
+) -> tuple[dict, dict[str, Tensor]]:
+    """(config dict, MDLM state dict) from a folder, repo id, `.safetensors` file or Lightning `.ckpt`; a `.ckpt`
+    is read without running code from it unless `trust_pickle=True` (see `fpmgm_hf.checkpoint_pickle`)."""
     source = str(path_or_repo_id)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -365,7 +388,7 @@ def read_mdlm_checkpoint(path_or_repo_id: Union[str, os.PathLike], ema: bool = T
     if path.is_file():
         if path.suffix == ".safetensors":
             return _read_config(path.with_name("config.json")), _read_safetensors(path)
-        return _read_lightning(path, ema)
+        return _read_lightning(path, ema, trust_pickle)
     looks_local = source.startswith((".", "/", "~")) or source.endswith((".ckpt", ".safetensors", ".pt"))
     if looks_local or not _REPO_ID.match(source):
         raise FileNotFoundError(
@@ -403,7 +426,7 @@ def _load_strict(
 
 
 def load_mdlm_checkpoint(
-    path_or_repo_id: Union[str, os.PathLike], ema: bool = True, **config_overrides
+    path_or_repo_id: Union[str, os.PathLike], ema: bool = True, trust_pickle: bool = False, **config_overrides
 ) -> FPMGMForMaskedGeneration:
     """Load an MDLM checkpoint as an [`FPMGMForMaskedGeneration`] with `num_fp_layers=0` (eval mode, fp32).
 
@@ -414,35 +437,42 @@ def load_mdlm_checkpoint(
             explicit stack (`num_fp_layers=0`, e.g. an MDLM trained with `fpmgm-train`).
         ema: for a `.ckpt`, use the EMA weights `ckpt['ema']['shadow_params']` (the ones MDLM evaluates
             with; default) instead of `ckpt['state_dict']`. Hub weights are a single set and ignore it.
+        trust_pickle: UNSAFE. Read a `.ckpt` with full unpickling, which runs any code the file contains. By
+            default only tensors, plain containers and Lightning's config / tokenizer objects are read (as inert
+            stand-ins, `fpmgm_hf.checkpoint_pickle`), and any other Python global is refused by name.
         config_overrides: [`FPMGMConfig`] fields overriding the checkpoint's config (a `.ckpt` without
             `hyper_parameters['config']` is configured from tensor shapes plus these).
 
     Raises:
         FileNotFoundError: the path does not exist (and is not a Hub repo id).
-        MDLMCheckpointError (a ValueError): unreadable file, failed download, or missing / unexpected /
-            shape-mismatched keys (all listed), or a rotary buffer this model cannot reproduce.
+        MDLMCheckpointError (a ValueError), naming the file and the entry: unreadable file or config, a pickled
+            global outside the allow-list, a non-tensor entry, NaN/inf weights, failed download, missing /
+            unexpected / shape-mismatched keys (all listed), or a rotary buffer this model cannot reproduce.
     """
+    source = str(path_or_repo_id)
     own = _own_stack(path_or_repo_id)
     if own is not None:
         return own
-    cfg_dict, sd = read_mdlm_checkpoint(path_or_repo_id, ema=ema)
-    inferred = _infer_config_fields(sd)
-    if cfg_dict:
-        from_shapes = {k: v for k, v in inferred.items() if k == "vocab_size" and "vocab_size" not in cfg_dict}
-        config = mdlm_config_to_fpmgm(cfg_dict, **{**from_shapes, **config_overrides})
-    else:
-        config = mdlm_config_to_fpmgm({}, **{**inferred, **config_overrides})
-    mapped, unmapped = _convert(sd, head_dim=config.head_dim)
+    cfg_dict, sd = read_mdlm_checkpoint(path_or_repo_id, ema=ema, trust_pickle=trust_pickle)
+    try:
+        inferred = _infer_config_fields(sd)
+        if cfg_dict:
+            from_shapes = {k: v for k, v in inferred.items() if k == "vocab_size" and "vocab_size" not in cfg_dict}
+            config = mdlm_config_to_fpmgm(cfg_dict, **{**from_shapes, **config_overrides})
+        else:
+            config = mdlm_config_to_fpmgm({}, **{**inferred, **config_overrides})
+        mapped, unmapped = _convert(sd, head_dim=config.head_dim)
+    except ValueError as err:  # config fields (FPMGMConfig's checks) and key-map errors: say which checkpoint
+        raise MDLMCheckpointError(f"{source}: {err}") from err
     model = FPMGMForMaskedGeneration(config)
-    _load_strict(model, mapped, str(path_or_repo_id), unmapped)
-    model.config.name_or_path = str(path_or_repo_id)
+    _load_strict(model, mapped, source, unmapped)
+    model.config.name_or_path = source
     return model.eval()
 
 
 def _own_stack(path) -> Optional[FPMGMForMaskedGeneration]:
     """An fpmgm_hf folder (model_type "fpmgm") holding an explicit stack, loaded as is; None otherwise."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file() or json.loads(config_file.read_text()).get("model_type") != "fpmgm":
+    if _read_config(Path(path) / "config.json").get("model_type") != "fpmgm":
         return None
     model = FPMGMForMaskedGeneration.from_pretrained(path, dtype=torch.float32)
     if model.config.num_fp_layers or model.config.num_post_layers:

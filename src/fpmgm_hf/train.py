@@ -6,10 +6,13 @@
     fpmgm-train --from runs/fp/final --data shakespeare --consistency-weight 0.1 --consistency-warmup 500 \
         --stop-ppl-rise 0.15 --max-steps 3000 --out runs/fp-cofre
 
-Checkpoints (`OUT/checkpoints/step_N`) hold the Accelerate state plus `trainer_state.json` and the
-per-process generator states, so `--resume` reproduces the uninterrupted run exactly. The exported model
-(`OUT/final`) is a `save_pretrained` folder with the tokenizer. On CPU, `accelerate launch --cpu
---num_processes 2` starts a single process unless MPI is installed; use torchrun as above.
+Checkpoints (`OUT/checkpoints/step_N`) hold the Accelerate state (model safetensors, optimizer), plus
+`trainer_state.json`, the EMA and the per-process random states as safetensors (`fpmgm_hf.trainer_state`:
+nothing is unpickled on `--resume`) and a `checksums.json` manifest checked on resume, so `--resume`
+reproduces the uninterrupted run exactly. The exported model (`OUT/final`) is a `save_pretrained` folder with
+the tokenizer. One run per `--out`: a second one refuses while the first holds `OUT/.fpmgm-run.lock`
+(`fpmgm_hf.runlock`). On CPU, `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is
+installed; use torchrun as above.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
+from . import trainer_state
 from .data import BlockSampler, fingerprint, load_texts, load_training_tokenizer, pack_blocks, split_blocks
 from .objectives import consistency_loss, consistency_weight_at, mdlm_nelbo
-from .validation_fpmgm import weight_file_problems
+from .runlock import LOCK_NAME, run_lock
+from .validation_fpmgm import MANIFEST_NAME, verify_folder, weight_file_problems, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ for _name in ("fp-mdlm-small", "fp-mdlm-tiny"):
 STATE_FILE = "trainer_state.json"
 # Settings that must match for `--resume` to continue the same run.
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "num_processes", "seed", "train_blocks", "data_fingerprint",
-               "vocab_size", "mask_token_id", "consistency_weight", "eps")
+               "vocab_size", "mask_token_id", "consistency_weight", "eps", "ema")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -102,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixed-precision", choices=["no", "fp16", "bf16", "fp8"], default=None,
       help="Passed to Accelerator (default: from `accelerate launch` / config).")
     a("--sample-steps", type=int, default=8, help="Denoising steps of the samples whose entropy is logged.")
+    a("--trust-remote-code", action="store_true",
+      help="UNSAFE: let the --tokenizer (or --from) folder run its own Python code (an auto_map entry).")
     return p
 
 
@@ -156,7 +165,7 @@ def build_model(args, tokenizer):
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (checkpointed through Accelerate)."""
+    """Exponential moving average of the trainable parameters (checkpointed as `ema.safetensors`)."""
 
     def __init__(self, model, decay: float):
         self.decay = decay
@@ -177,13 +186,11 @@ class EMA:
                 p.copy_(self.shadow[n])
                 self.shadow[n].copy_(tmp)
 
-    def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
+    def save(self, folder: str) -> None:
+        trainer_state.save_ema(self.shadow, self.decay, folder)
 
-    def load_state_dict(self, state):
-        self.decay = state["decay"]
-        for n, v in state["shadow"].items():
-            self.shadow[n].copy_(v)
+    def load(self, folder: str) -> None:
+        self.decay = trainer_state.load_ema(self.shadow, folder)
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -205,9 +212,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, opt)
+        # Not registered with Accelerate: it would pickle the EMA (see fpmgm_hf.trainer_state).
         self.ema = EMA(accelerator.unwrap_model(self.model), args.ema) if args.ema else None
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
         rank, world = accelerator.process_index, accelerator.num_processes
         self.sampler = BlockSampler(len(train_blocks), args.batch_size * world, rank, args.batch_size, args.seed)
         self.generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # noise + S-JFB draws
@@ -216,7 +222,7 @@ class Trainer:
                      "num_processes": world, "seed": args.seed, "train_blocks": len(train_blocks),
                      "data_fingerprint": fingerprint(train_blocks), "vocab_size": model.config.vocab_size,
                      "mask_token_id": model.config.mask_token_id, "consistency_weight": args.consistency_weight,
-                     "eps": args.eps, "model_config": _arch(model.config)}
+                     "eps": args.eps, "ema": args.ema, "model_config": _arch(model.config)}
         self.log_path = os.path.join(args.out, "log.jsonl")
 
     # ------------------------------------------------------------------------------------ one step
@@ -348,14 +354,17 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(tmp)
-        torch.save(self.generator.get_state(), os.path.join(tmp, f"generator_{acc.process_index}.pt"))
+        trainer_state.save_rng(tmp, acc.process_index, self.generator, acc.step)
         if acc.is_main_process:
             state = dict(self.meta, step=self.step, data_position=self.step * self.args.grad_accum,
                          epoch=self.sampler.epoch_of(self.step * self.args.grad_accum), baseline_ppl=self.baseline_ppl)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=1)
+            if self.ema is not None:
+                self.ema.save(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            write_manifest(tmp)  # every process's files are written: checked on --resume
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
@@ -368,15 +377,28 @@ class Trainer:
         with open(state_path) as f:
             state = json.load(f)
         check_resume(state, self.meta, path)
-        gen_path = os.path.join(path, f"generator_{self.acc.process_index}.pt")
-        if not os.path.isfile(gen_path):
-            raise ValueError(f"--resume: {path!r} lacks {os.path.basename(gen_path)} for this process.")
+        trainer_state.refuse_unsafe_pickles(path)
         bad = weight_file_problems(path)
+        if not bad and os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+            bad = verify_folder(path)
+        elif not bad:
+            logger.warning("--resume: %s has no %s (an earlier version's checkpoint); not checked for corruption.",
+                           path, MANIFEST_NAME)
         if bad:
             raise ValueError(f"--resume: checkpoint {path!r} is truncated or corrupt:\n  " + "\n  ".join(bad)
                              + "\nDelete it to resume from the previous checkpoint.")
-        self.acc.load_state(path)
-        self.generator.set_state(torch.load(gen_path))
+        try:
+            self.acc.load_state(path)  # model safetensors; optimizer.bin with torch.load(weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = str(err).splitlines() or [""]
+            why = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])  # e.g. the refused global
+            raise ValueError(f"--resume: {path!r} holds a pickle that the safe loader refuses (corrupt, or a planted "
+                             f"object); nothing was run: {why}") from err
+        if self.ema is not None:
+            self.ema.load(path)
+        step = trainer_state.load_rng(path, self.acc.process_index, self.generator)
+        if step >= 0:
+            self.acc.step = step
         self.step, self.baseline_ppl = state["step"], state.get("baseline_ppl")
 
 
@@ -390,8 +412,8 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
     """Raise ValueError naming every setting that differs between the checkpoint and this run."""
     diffs = []
     for key in RESUME_KEYS:
-        if saved.get(key) != current[key]:
-            diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current[key]!r}")
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current.get(key)!r}")
     for key, value in current["model_config"].items():
         if saved.get("model_config", {}).get(key) != value:
             diffs.append(f"model {key}: checkpoint {saved.get('model_config', {}).get(key)!r} vs this run {value!r}")
@@ -474,6 +496,7 @@ def export(trainer: Trainer) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         trainer.tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)  # now over the tokenizer / VQ files too
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         if trainer.ema is not None:
@@ -486,6 +509,16 @@ def _modality(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--modality", default="text")
     return parser.parse_known_args(argv)[0].modality
+
+
+@contextmanager
+def output_lock(out: str, accelerator):
+    """Create `out` and hold `out/.fpmgm-run.lock` for the run (main process; the others follow it): a second run
+    on the same folder is refused instead of interleaving logs and overwriting checkpoints."""
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+    with run_lock(os.path.join(out, LOCK_NAME), enabled=accelerator.is_main_process):
+        yield
 
 
 def main(argv: Optional[list[str]] = None) -> str:
@@ -504,14 +537,18 @@ def main(argv: Optional[list[str]] = None) -> str:
     if args.mixed_precision is not None:
         acc_kwargs["mixed_precision"] = args.mixed_precision
     accelerator = Accelerator(**acc_kwargs)
+    with output_lock(args.out, accelerator):
+        return _train(args, accelerator)
+
+
+def _train(args, accelerator) -> str:
     resume = resolve_resume(args.resume, args.out)
     tok_source = args.tokenizer
     if tok_source is None and args.init_from and os.path.isfile(os.path.join(args.init_from, "tokenizer_config.json")):
         tok_source = args.init_from
-    tokenizer = load_training_tokenizer(tok_source)
+    tokenizer = load_training_tokenizer(tok_source, trust_remote_code=args.trust_remote_code)
     train_blocks, val_blocks = prepare_data(args, tokenizer, accelerator)
     model = build_model(args, tokenizer)
-    os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(args, accelerator, model, tokenizer, train_blocks, val_blocks)
     begin(trainer, resume)
     run_loop(trainer)

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_vqvae import VQVAEConfig
 from .modeling_vqvae import VQVAEModel, VQVAEOutput, VQVAEPreTrainedModel, VQVAEQuantizer
+from .validation_fpmgm import write_manifest
 
 AutoConfig.register("fpmgm_vqvae", VQVAEConfig, exist_ok=True)
 AutoModel.register(VQVAEConfig, VQVAEModel, exist_ok=True)
@@ -89,6 +90,7 @@ def _atomic_save(model: VQVAEModel, out_dir: Path, summary: Optional[dict] = Non
         model.save_pretrained(tmp)
         if summary is not None:
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            write_manifest(tmp)  # the manifest covers the summary too
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
