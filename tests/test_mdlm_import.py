@@ -321,14 +321,17 @@ def test_mapping_one_iteration_equals_chosen_layers(teacher, ckpts, mapping):
                 stacked[f"backbone.blocks.{new_index}.{key[len(prefix):]}"] = value
     ids = _ids(3)
     expected = reference_logits(stacked, ids)
-    with torch.no_grad():
-        approx = student(ids, fp_iters=1, fp_tol=0, return_dict=True).logits
-        assert (approx - expected).abs().max() < 0.1  # only the small random G columns differ
-        student.model.injection.fc1.weight[:, H:] = 0.0  # drop G(h_pre): the injection is exactly z
+    with torch.no_grad():  # the default constrained injection: exactly the chosen layers at one iteration
         exact = student(ids, fp_iters=1, fp_tol=0, return_dict=True)
     assert int(exact.block_passes[0]) == 3
     torch.testing.assert_close(exact.logits, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    paper = map_layers(teacher, mapping, num_pre=1, num_fp=1, num_post=1, injection="concat_mlp").eval()
+    with torch.no_grad():
+        approx = paper(ids, fp_iters=1, fp_tol=0, return_dict=True).logits
+        assert (approx - expected).abs().max() < 0.1  # only the small random G columns differ
+        paper.model.injection.fc1.weight[:, H:] = 0.0  # drop G(h_pre): the injection is exactly z
+        torch.testing.assert_close(paper(ids, fp_iters=1, fp_tol=0).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_mappings_name_the_flag(teacher):
