@@ -315,7 +315,11 @@ def main(argv=None):
             results.append(json.loads(path.read_text()))
             continue
         print(f"[stability] {name}", flush=True)
-        result = run_variant(name, args, tokenizer, train_blocks, val_blocks, out)
+        try:
+            result = run_variant(name, args, tokenizer, train_blocks, val_blocks, out)
+        except FloatingPointError as err:  # a variant whose training diverged is a result, not the end of the run
+            print(f"[stability] {name}: {err}", flush=True)
+            continue
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, path)

@@ -240,3 +240,11 @@ def test_ablation_harness_toy_run(tmp_path):
     remeasured = fp_stability.main(argv)
     assert remeasured[0]["sec_per_step"] == results[0]["sec_per_step"]
     assert remeasured[0]["val_nelbo"] == pytest.approx(results[0]["val_nelbo"], rel=1e-5)
+
+
+def test_residual_penalty_has_finite_gradients_at_an_exact_fixed_point():
+    # A fresh model's gates are zero: the map is the identity at h_pre and the residual is exactly 0 there.
+    model = FPMGMForMaskedGeneration(tiny_config(fp_residual_reg=1.0)).train()
+    loss, _ = mdlm_nelbo(model, torch.randint(0, MASK, (2, 8)), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -131,11 +131,14 @@ def init_injection_linear(linear: nn.Linear, std: float):
 
 
 def differentiable_residual(z: Tensor, z_prev: Tensor, token_mask: Optional[Tensor]) -> Tensor:
-    """Mean over the batch of `||z - z_prev|| / ||z_prev||` with a graph (z, z_prev: (B, L, D))."""
+    """Mean over the batch of `||z - z_prev|| / ||z_prev||` with a graph (z, z_prev: (B, L, D)). A floor of 1e-4
+    under the ratio keeps the square root differentiable at an exact fixed point (the map of a fresh model
+    with zero-initialised gates is the identity there)."""
     diff, ref = (z - z_prev).float().pow(2).sum(-1), z_prev.float().pow(2).sum(-1)  # (B, L)
     if token_mask is not None:
         diff, ref = diff * token_mask, ref * token_mask
-    return (diff.sum(1).sqrt() / ref.sum(1).sqrt().clamp_min(1e-12)).mean()
+    ratio = diff.sum(1) / ref.sum(1).clamp_min(1e-12)
+    return (ratio + 1e-8).sqrt().mean()
 
 
 def jacobian_frobenius(f, z: Tensor, token_mask: Optional[Tensor], generator) -> Tensor:
