@@ -57,7 +57,8 @@ from .train import Trainer, add_loop_arguments, begin, export, output_lock, reso
 _TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
 PRESETS = {
     "fp-maskgit-tiny": dict(_TINY, num_pre_layers=4, num_fp_layers=1, num_post_layers=4),
-    "fp-maskgit-tiny-paper": dict(_TINY, num_pre_layers=4, num_fp_layers=1, num_post_layers=4, injection="concat_mlp"),
+    "fp-maskgit-tiny-paper": dict(_TINY, num_pre_layers=4, num_fp_layers=1, num_post_layers=4, injection="concat_mlp",
+                                  fp_residual_reg=0.0),
     "maskgit-tiny-12": dict(_TINY, num_pre_layers=12, num_fp_layers=0, num_post_layers=0),
     "maskgit-tiny-24": dict(_TINY, num_pre_layers=24, num_fp_layers=0, num_post_layers=0),
 }

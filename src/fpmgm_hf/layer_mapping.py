@@ -76,8 +76,8 @@ def map_layers(
     ids = parse_mapping(mapping, len(blocks), num_pre + num_fp + num_post)
     fields = mdlm_model.config.to_dict()
     drop = ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type", "dtype", "torch_dtype")
-    for key in drop:
-        fields.pop(key, None)
+    for key in [*drop, *(k for k in fields if k.startswith("fp_"))]:  # a plain stack's fp_* fields mean nothing:
+        fields.pop(key, None)  # the converted model gets the defaults of the fixed-point map unless overridden
     fields.update(num_pre_layers=num_pre, num_fp_layers=num_fp, num_post_layers=num_post, injection=injection)
     fields.update(config_overrides)
     config = FPMGMConfig(**fields)

@@ -50,7 +50,7 @@ PRESETS = {
 # The paper's exact map (concat_mlp injection, 104M parameters at small size); it expands when iterated
 # past its training range (docs/stability), so the default presets use the constrained injection.
 for _name in ("fp-mdlm-small", "fp-mdlm-tiny"):
-    PRESETS[f"{_name}-paper"] = dict(PRESETS[_name], injection="concat_mlp")
+    PRESETS[f"{_name}-paper"] = dict(PRESETS[_name], injection="concat_mlp", fp_residual_reg=0.0)
 STATE_FILE = "trainer_state.json"
 # Settings that must match for `--resume` to continue the same run.
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "num_processes", "seed", "train_blocks", "data_fingerprint",
