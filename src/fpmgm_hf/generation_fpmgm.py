@@ -495,7 +495,15 @@ class FPMGMGenerationMixin:
             trace[rows.cpu()] = net.solver_stats.trace[:n].float().cpu()
             stats["trace"] = trace
 
-    # ------------------------------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------------------------ saving / loading
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also declare the pipelines shipped with the model (`config.custom_pipelines`): this relative import
+        makes transformers copy `pipeline_fpmgm.py` next to the weights, for `pipeline(..., trust_remote_code=...)`."""
+        from .pipeline_fpmgm import custom_pipelines
+
+        self.config.custom_pipelines = custom_pipelines(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def adjust_generation_fn(
         self,
