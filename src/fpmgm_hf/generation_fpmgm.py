@@ -150,7 +150,7 @@ class FPMGMGenerationMixin:
             ids = check_token_ids(input_ids, "input_ids", self.config.vocab_size)
             rows = ids.shape[0]
         active = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else (
-            check_attention_mask(attention_mask, ids.shape))
+            check_attention_mask(attention_mask, ids.shape).to(ids.device))
         new = self._new_tokens(ids, cfg, from_scratch=input_ids is None)
         side = "none"
         if new is not None:
