@@ -5,9 +5,11 @@
         --rows 4 --guidance 2.0 --budget 96 --out docs/images/example_grid.png
 
 The model folder is an `image_train` export (`final/`, with the VQ tokenizer in `final/vq`). Each column is
-one class (0..9), each row a different sample; sampling uses classifier-free guidance against the null class,
-the Halton reveal order, three-state reuse (3SR) of the fixed-point state, and a compute budget in
-transformer-block passes per sample. The PNG is written with zlib/struct only (no Pillow needed).
+one class (0..9), each row a different sample (`num_return_sequences`); sampling uses classifier-free guidance
+against the null class, the Halton reveal order, three-state reuse (3SR) of the fixed-point state, and a compute
+budget in transformer-block passes per sample. It runs through the image pipeline the folder ships
+(`FPMGMImagePipeline`, also `pipeline("image-generation", model=..., trust_remote_code=True)`); the PNG is
+written with zlib/struct only (no Pillow needed).
 """
 
 from __future__ import annotations
@@ -72,28 +74,25 @@ def main(argv=None) -> str:
 
     import torch
 
-    from fpmgm_hf import FPMGMForMaskedGeneration
-    from fpmgm_hf.vq import VQVAEModel
+    from fpmgm_hf import FPMGMImagePipeline
 
     torch.set_num_threads(1)
     if not Path(args.model).is_dir():
         raise SystemExit(f"{args.model!r} not found: train one first, e.g. `python -m fpmgm_hf.image_train "
                          f"--data mnist --max-steps 300 --out outputs/image_eval/fp_maskgit_4_1_4`.")
-    model = FPMGMForMaskedGeneration.from_pretrained(args.model).eval()
-    vq = (VQVAEModel.from_pretrained(args.vq) if args.vq
-          else VQVAEModel.from_pretrained(args.model, subfolder="vq")).eval()
-    k = model.config.num_classes
-    labels = torch.arange(k).repeat(args.rows)  # row-major grid: column = class
+    pipe = FPMGMImagePipeline.from_pretrained(args.model, vqvae=args.vq)
+    k = pipe.model.config.num_classes
     try:
-        ids = model.generate(batch_size=len(labels), class_labels=labels, guidance_scale=args.guidance,
-                             sampler="confidence", order="halton", reuse="3sr", budget=args.budget,
-                             randomness=args.randomness, temperature=args.temperature,
-                             generator=torch.Generator().manual_seed(args.seed))
+        out = pipe(list(range(k)), num_return_sequences=args.rows, guidance_scale=args.guidance,
+                   sampler="confidence", order="halton", reuse="3sr", budget=args.budget,
+                   randomness=args.randomness, temperature=args.temperature,
+                   generator=torch.Generator().manual_seed(args.seed), output_type="np")
     except FloatingPointError as err:  # a briefly trained FP block need not be contractive
         raise SystemExit(f"the fixed-point iterates diverged ({str(err)[:80]}...); try a smaller --budget "
                          "(fewer iterations per step) or a longer-trained model.") from None
-    images = (vq.decode(ids)[:, 0].numpy() * 255).round().astype(np.uint8)
-    save_grid(args.out, images, cols=k)
+    # num_return_sequences keeps each class's samples adjacent: reorder to one column per class
+    images = out.images[..., 0].reshape(k, args.rows, *out.images.shape[1:3]).transpose(1, 0, 2, 3)
+    save_grid(args.out, images.reshape(-1, *images.shape[2:]), cols=k)
     print(f"wrote {args.out}: {args.rows} x {k} samples, budget {args.budget}, guidance {args.guidance}")
     return args.out
 

@@ -19,40 +19,30 @@ def test_generate_text_keeps_prompt_and_suffix(tmp_path):
     tok = tiny_tokenizer()
     tiny_model().save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    out = generate_text.main(
-        [
-            "--model",
-            str(tmp_path / "m"),
-            "--prompt",
-            "w1 w2",
-            "--suffix",
-            "w3",
-            "--length",
-            "12",
-            "--budget",
-            "24",
-            "--samples",
-            "2",
-        ]
-    )
+    argv = ["--model", str(tmp_path / "m"), "--prompt", "w1 w2", "--budget", "24", "--samples", "2"]
+    out = generate_text.main(argv + ["--suffix", "w3", "--max-new-tokens", "9"])
     seq = out.sequences
     assert seq.shape == (2, 12) and not (seq == MASK).any()
     assert seq[:, :2].tolist() == [[1, 2], [1, 2]] and seq[:, -1].tolist() == [3, 3]
     assert (out.block_passes <= 24).all()
+    long = generate_text.main(argv + ["--max-new-tokens", "80", "--block-length", "16", "--steps", "2"])
+    assert long.sequences.shape == (2, 82) and long.num_blocks == 5 and not (long.sequences == MASK).any()
+    assert (long.block_passes <= 5 * 24).all()  # the budget is per block
 
 
-def test_generate_text_refuses_a_canvas_without_room(tmp_path):
+def test_generate_text_streams_one_sample_and_refuses_an_empty_gap(tmp_path, capsys):
     import generate_text
 
     tok = tiny_tokenizer()
-    try:
-        generate_text.build_canvas(tok, "w1 w2 w3", "w4", 4)
-    except ValueError as err:
-        assert "--length" in str(err)
-    else:
-        raise AssertionError("expected a ValueError")
-    assert generate_text.build_canvas(tok, "w1", "", 3).tolist() == [[1, MASK, MASK]]
-    assert torch.is_tensor(generate_text.build_canvas(tok, "w1", "w2", 4))
+    tiny_model().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = generate_text.main(["--model", str(tmp_path / "m"), "--prompt", "w1", "--max-new-tokens", "4",
+                              "--samples", "1", "--stream", "--steps", "2"])
+    assert tok.decode(out.sequences[0, 1:]) in capsys.readouterr().out  # the final text stays on screen
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        generate_text.build_canvas(tok, "w1 w2 w3", "w4", 0)
+    assert generate_text.build_canvas(tok, "w1", "", 2).tolist() == [[1, MASK, MASK]]
+    assert generate_text.build_canvas(tok, "w1", "w2", 1).tolist() == [[1, MASK, 2]]
 
 
 def test_budget_sweep_scores_every_budget_and_reuse_mode(tmp_path):

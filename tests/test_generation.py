@@ -163,7 +163,7 @@ BAD_CALLS = [
     (dict(guidance_scale=2.0), "guidance_scale"),
     (dict(temperature=-1), "temperature"),
     (dict(gamma_mask_min=0.95), "gamma_mask_min"),
-    (dict(steps=4), "unknown"),
+    (dict(stepz=4), "unknown"),  # `steps` is an alias of num_steps (test_generation_conventions.py)
 ]
 
 

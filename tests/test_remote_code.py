@@ -35,7 +35,10 @@ def test_remote_code_round_trip_gives_identical_logits_and_generation_config(tmp
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
         seq = m.generate(batch_size=2, seq_len=6, num_steps=3, class_labels=torch.tensor([0, 1]),
                          guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-        print(json.dumps({{"module": type(m).__module__, "cls2": type(m2).__name__,
+        long = m.diffusion_generate(torch.tensor([[1, 2]]), max_new_tokens=70, block_length=16, steps=2, alg="entropy",
+                                    eos_token_id=5, class_labels=torch.tensor([1]),
+                                    generator=torch.Generator().manual_seed(0))
+        print(json.dumps({{"module": type(m).__module__, "cls2": type(m2).__name__, "long": long.tolist(),
                           "gen": [type(m.generation_config).__name__, m.generation_config.sampler,
                                   m.generation_config.top_k], "seq": seq.tolist()}}))
         """,
@@ -54,3 +57,7 @@ def test_remote_code_round_trip_gives_identical_logits_and_generation_config(tmp
         generator=torch.Generator().manual_seed(0),
     )
     assert seq.tolist() == result["seq"]
+    long = model.diffusion_generate(torch.tensor([[1, 2]]), max_new_tokens=70, block_length=16, steps=2, alg="entropy",
+                                    eos_token_id=5, class_labels=torch.tensor([1]),
+                                    generator=torch.Generator().manual_seed(0))
+    assert long.shape == (1, 72) and long.tolist() == result["long"]  # blockwise past the 64-token context

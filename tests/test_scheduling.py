@@ -7,8 +7,12 @@ import torch
 
 from fpmgm_hf.scheduling_fpmgm import (
     FP_SCHEDULES,
+    MAX_BUDGET,
+    MAX_FP_ITERS_PER_STEP,
+    MAX_NUM_STEPS,
     allocate_iterations,
     ancestral_step,
+    confidence_scores,
     confidence_step,
     filter_log_probs,
     halton_order,
@@ -120,3 +124,64 @@ def test_confidence_step_follows_the_schedule_and_halton_order():
     assert sorted(order.tolist()) == list(range(8))
     out = confidence_step(canvas, logp, 0, 8, initial, M, active, torch.Generator().manual_seed(0), order=order)
     assert (out[:, order[0]] != M).all() and ((out != M).sum(1) == 1).all()
+
+
+def test_confidence_scores_follow_dreams_algs():
+    p = torch.tensor([[[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]]], dtype=torch.float64)  # (1, 2, 3)
+    logp, tokens = p.log(), torch.tensor([[1, 0]])
+    torch.testing.assert_close(confidence_scores(logp, tokens, "maskgit_plus"), logp[0, [0, 1], [1, 0]][None])
+    torch.testing.assert_close(confidence_scores(logp, tokens, "topk_margin"), torch.tensor([[0.3, 0.05]]).double())
+    torch.testing.assert_close(confidence_scores(logp, tokens, "entropy"), (p * p.log()).sum(-1))
+    one_hot = torch.tensor([[[0.0, -math.inf, -math.inf]]], dtype=torch.float64)  # 0 log 0 counts as 0
+    assert confidence_scores(one_hot, torch.tensor([[0]]), "entropy").item() == 0
+    a = confidence_scores(logp, tokens, "origin", torch.Generator().manual_seed(0))
+    b = confidence_scores(logp, tokens, "origin", torch.Generator().manual_seed(1))
+    assert a.shape == (1, 2) and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="alg"):
+        confidence_scores(logp, tokens, "greedy")
+
+
+@pytest.mark.parametrize("alg,first", [("maskgit_plus", 0), ("topk_margin", 1), ("entropy", 2)])
+def test_confidence_step_reveals_the_best_position_by_alg(alg, first):
+    # position 0: highest top-1; position 1: largest margin; position 2: lowest entropy (peaked over 2 tokens).
+    p = torch.tensor(
+        [
+            [0.60, 0.38, 0.02, 1e-9, 1e-9],  # top-1 0.60 (highest), margin 0.22, entropy ~0.76
+            [0.45, 0.1375, 0.1375, 0.1375, 0.1375],  # margin 0.31 (largest), entropy ~1.44
+            [0.56, 0.44, 1e-9, 1e-9, 1e-9],  # margin 0.12, entropy ~0.69 (lowest)
+        ],
+        dtype=torch.float64,
+    )[None]
+    logp = p.log()
+    canvas = torch.full((1, 3), M)
+    tokens_first = logp.argmax(-1)
+    greedy = torch.full_like(logp, -math.inf).scatter_(-1, tokens_first.unsqueeze(-1), 0.0)
+    out = confidence_step(
+        canvas, greedy, 0, 3, torch.tensor([3]), M, torch.ones_like(canvas, dtype=torch.bool), alg=alg, score_logp=logp
+    )
+    assert (out != M).sum() == 1 and out[0, first] != M, out
+
+
+def test_alg_temp_samples_positions_but_keeps_the_count():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(1, 10, 6, generator=g, dtype=torch.float64), -1)
+    canvas = torch.full((1, 10), M)
+    active = torch.ones_like(canvas, dtype=torch.bool)
+    step = lambda seed: confidence_step(  # noqa: E731
+        canvas, logp, 0, 4, torch.tensor([10]), M, active, torch.Generator().manual_seed(seed), alg_temp=5.0
+    )
+    runs = [step(seed) for seed in range(6)]
+    assert all(int((r != M).sum()) == (10 - math.floor(10 * math.cos(math.pi / 8))) for r in runs)
+    assert len({tuple((r != M)[0].tolist()) for r in runs}) > 1  # different seeds, different positions
+
+
+def test_step_and_iteration_bounds_answer_at_once():
+    with pytest.raises(ValueError, match=f"`num_steps` asks for {MAX_NUM_STEPS + 1}"):
+        plan_budget(None, MAX_NUM_STEPS + 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="`budget` asks for"):
+        plan_budget(MAX_BUDGET, None, 1, 1, 1)
+    with pytest.raises(ValueError, match="`budget` asks for"):
+        plan_budget(10**6, None, 1, 0, 0)
+    with pytest.raises(ValueError, match=f"at most {MAX_FP_ITERS_PER_STEP}"):
+        plan_budget(10**5, 10, 1, 1, 1)
+    assert len(plan_budget(None, MAX_NUM_STEPS, 1, 1, 1)) == MAX_NUM_STEPS

@@ -17,6 +17,7 @@ from .modeling_fpmgm import (
     FPMGMPreTrainedModel,
     WarmStart,
 )
+from .pipeline_fpmgm import FPMGMImagePipeline, FPMGMImagePipelineOutput, FPMGMTextGenerationPipeline
 from .solver_fpmgm import SolverStats, anderson, get_solver, picard
 from .vq import VQVAEConfig, VQVAEModel, VQVAEOutput  # importing registers the VQ tokenizer's Auto classes
 
@@ -34,10 +35,13 @@ __all__ = [
     "FPMGMGenerationConfig",
     "FPMGMGenerationMixin",
     "FPMGMGenerationOutput",
+    "FPMGMImagePipeline",
+    "FPMGMImagePipelineOutput",
     "FPMGMModel",
     "FPMGMModelOutput",
     "FPMGMOutput",
     "FPMGMPreTrainedModel",
+    "FPMGMTextGenerationPipeline",
     "SolverStats",
     "VQVAEConfig",
     "VQVAEModel",

@@ -1,23 +1,41 @@
-"""`model.generate(...)` for fixed-point masked generative models: compute budgets, three-state reuse
-(3SR) warm starts, adaptive stopping, and the MDLM ancestral / MaskGIT confidence samplers.
+"""`model.generate(...)` for fixed-point masked generative models: prompts and new tokens, blockwise decoding
+with a sliding context, compute budgets, three-state reuse (3SR) warm starts, adaptive stopping, the MDLM
+ancestral / MaskGIT confidence samplers, the EOS rule and streamers (docs/generation.md).
 
 Hub-portable: imports only torch, transformers, the standard library and sibling files. The model never
-samples; this mixin owns the loop, `scheduling_fpmgm` owns the transitions.
+samples: this mixin owns the loops, `scheduling_fpmgm` the transitions, `canvas_fpmgm` the canvas layout.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from .canvas_fpmgm import (
+    append_masks,
+    apply_eos,
+    check_attention_mask,
+    check_token_ids,
+    eos_reached,
+    first_masked_column,
+    pack,
+    padding_side,
+    plan_blocks,
+)
 from .fixed_point_fpmgm import WarmStart
+from .generation_config_fpmgm import (
+    MASK_SCHEDULES,
+    MAX_BATCH_SIZE,
+    ORDERS,
+    REUSE_MODES,
+    SAMPLERS,
+    FPMGMGenerationConfig,
+    merge_generation_config,
+)
 from .scheduling_fpmgm import (
-    FP_SCHEDULES,
     ancestral_step,
     confidence_step,
     filter_log_probs,
@@ -27,152 +45,18 @@ from .scheduling_fpmgm import (
     subs_log_probs,
     three_state_gamma,
 )
+from .streaming_fpmgm import StreamEmitter
 
 Tensor = torch.Tensor
-SAMPLERS = ("ancestral", "confidence")
-REUSE_MODES = ("3sr", "full", "none")
-ORDERS = ("confidence", "halton")
-MASK_SCHEDULES = ("cosine", "linear", "arccos")
-
-# name -> default; every field can be overridden per `generate` call.
-_FIELDS: dict[str, Any] = {
-    "batch_size": 1,
-    "seq_len": None,
-    "num_steps": None,
-    "budget": None,
-    "fp_iters_per_step": 4,
-    "fp_schedule": "decreasing",
-    "fp_tol": None,
-    "sampler": "ancestral",
-    "reuse": "3sr",
-    "gamma_mask_min": 0.75,
-    "gamma_mask_max": 0.90,
-    "gamma_changed": 0.2,
-    "temperature": 1.0,
-    "top_k": None,
-    "top_p": None,
-    "noise_eps": 1e-3,
-    "mask_schedule": "cosine",
-    "randomness": 0.0,
-    "order": "confidence",
-    "guidance_scale": None,
-    "use_cache": True,
-    "return_dict_in_generate": False,
-    "output_history": False,
-    "output_solver_trace": False,
-    "mask_token_id": None,
-    "pad_token_id": None,
-    "bos_token_id": None,
-    "eos_token_id": None,
-}
-_META = ("_commit_hash", "_from_model_config", "transformers_version")
-
-
-def _bad(name, value, allowed):
-    raise ValueError(f"`{name}`={value!r} is invalid; allowed: {allowed}.")
-
-
-class FPMGMGenerationConfig(GenerationConfig):
-    r"""Generation settings of [`FPMGMGenerationMixin.generate`]; saved as `generation_config.json`.
-
-    Args:
-        batch_size / seq_len: size of an all-masked canvas when no `input_ids` are given.
-        num_steps (`int`): denoising steps T (chosen from the budget when None).
-        budget (`int`): total transformer-block passes per sample; each step costs K_pre + n_i K_fp + K_post.
-        fp_iters_per_step (`int`, 4): iterations per step without a budget, and the target average when
-            T is chosen automatically.
-        fp_schedule (`str`, "decreasing"): allocation of iterations across steps, one of
-            decreasing / fixed / increasing / cosine / front_loaded.
-        fp_tol (`float`): adaptive stopping: per-sample relative-residual tolerance. Iterations it saves are
-            reported (`block_passes` below the budget), not re-spent.
-        sampler (`str`, "ancestral"): "ancestral" (MDLM reverse step) or "confidence" (MaskGIT).
-        reuse (`str`, "3sr"): warm start of each step's solver: "3sr", "full" (previous z*) or "none" (h_pre).
-        gamma_mask_min / gamma_mask_max / gamma_changed: the 3SR weights (0.75 / 0.90 / 0.2).
-        temperature / top_k / top_p: token filtering (temperature 0 = greedy).
-        noise_eps (`float`, 1e-3): epsilon of the log-linear schedule.
-        mask_schedule (`str`, "cosine"), randomness (`float`, 0), order (`str`, "confidence"): MaskGIT
-            schedule, annealed Gumbel noise on confidences, and reveal order ("halton" for images).
-        guidance_scale (`float`): classifier-free guidance against the null class (class-conditional models).
-        use_cache (`bool`, True): skip the network for rows whose canvas did not change since their last
-            call (exact when time conditioning is off); skipped calls cost no budget.
-        return_dict_in_generate / output_history: return an [`FPMGMGenerationOutput`], with canvases.
-        output_solver_trace (`bool`, False): add each sample's residual per iteration to `step_stats`.
-    """
-
-    def __init__(self, **kwargs):
-        # Deliberately no super().__init__(): GenerationConfig's autoregressive fields do not apply here.
-        for name, default in _FIELDS.items():
-            setattr(self, name, kwargs.pop(name, default))
-        for name in _META:
-            setattr(self, name, kwargs.pop(name, None))
-        if kwargs:
-            raise ValueError(f"unknown generation options {sorted(kwargs)}; valid options: {sorted(_FIELDS)}.")
-        self.validate()
-
-    def validate(self, *args, **kwargs):  # noqa: C901 - a flat list of checks
-        def pos_int(name, allow_none=True, low=1):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                _bad(name, v, f"an integer >= {low}" + (" or None" if allow_none else ""))
-
-        for name in ("batch_size", "fp_iters_per_step"):
-            pos_int(name, allow_none=False)
-        for name in ("seq_len", "num_steps", "budget", "top_k"):
-            pos_int(name)
-        for name, allowed in (
-            ("sampler", SAMPLERS),
-            ("reuse", REUSE_MODES),
-            ("fp_schedule", FP_SCHEDULES),
-            ("order", ORDERS),
-            ("mask_schedule", MASK_SCHEDULES),
-        ):
-            if getattr(self, name) not in allowed:
-                _bad(name, getattr(self, name), list(allowed))
-        for name in ("gamma_mask_min", "gamma_mask_max", "gamma_changed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                _bad(name, v, "a float in [0, 1]")
-        if self.gamma_mask_min > self.gamma_mask_max:
-            _bad("gamma_mask_min", self.gamma_mask_min, f"a value <= gamma_mask_max={self.gamma_mask_max}")
-        checks = (
-            ("temperature", 0, False),
-            ("randomness", 0, False),
-            ("fp_tol", 0, True),
-            ("guidance_scale", 0, False),
-            ("top_p", 0, True),
-            ("noise_eps", 0, True),
-        )
-        for name, low, strict in checks:
-            v = getattr(self, name)
-            if v is None and name in ("fp_tol", "guidance_scale", "top_p"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > low if strict else v >= low):
-                _bad(name, v, f"a number {'>' if strict else '>='} {low}")
-        for name in ("use_cache", "return_dict_in_generate", "output_history", "output_solver_trace"):
-            if not isinstance(getattr(self, name), bool):
-                _bad(name, getattr(self, name), "True or False")
-        if self.top_p is not None and self.top_p > 1:
-            _bad("top_p", self.top_p, "a number in (0, 1]")
-        if self.noise_eps >= 1:
-            _bad("noise_eps", self.noise_eps, "a number in (0, 1)")
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        # Compare against our own defaults, not GenerationConfig's (whose top_k=50 would be dropped).
-        defaults = {**_FIELDS}
-        out = {
-            k: v for k, v in self.to_dict().items() if k == "transformers_version" or defaults.get(k, object()) != v
-        }
-        return out
-
-    def get_generation_mode(self, *args, **kwargs):
-        raise NotImplementedError("FPMGMGenerationConfig has no autoregressive generation mode.")
-
-    @classmethod
-    def from_model_config(cls, *args, **kwargs):
-        # PreTrainedModel.__init__ falls back to `cls()` on NotImplementedError (pitfall P1).
-        raise NotImplementedError("FPMGMGenerationConfig is not derived from the model config.")
+__all__ = [
+    "FPMGMGenerationConfig",
+    "FPMGMGenerationMixin",
+    "FPMGMGenerationOutput",
+    "MASK_SCHEDULES",
+    "ORDERS",
+    "REUSE_MODES",
+    "SAMPLERS",
+]
 
 
 @dataclass
@@ -180,14 +64,17 @@ class FPMGMGenerationOutput(ModelOutput):
     """Output of [`FPMGMGenerationMixin.generate`] with `return_dict_in_generate=True`.
 
     sequences (`LongTensor (B, L)`): the decoded canvases, with no mask token left.
-    block_passes (`LongTensor (B,)`): transformer-block passes actually run per sample.
-    num_steps (`int`): denoising steps T.
+    block_passes (`LongTensor (B,)`): transformer-block passes actually run per sample (all blocks).
+    num_steps (`int`): denoising steps T per block.
     nfe (`LongTensor (B,)`): denoiser calls per sample (steps skipped by the cache are not counted).
-    budget (`int`): the requested budget (None when unbounded).
-    step_stats (`list[dict]`): per step: `fp_iters` allotted, and per sample `iterations`, `residual`, `ran`,
-        `diverged` / `cold_start` (the solver's safety net stopped the solve at its best iterate / rejected the
-        warm start), and `trace`, the residual of every iteration, with `output_solver_trace=True`.
+    budget (`int`): the requested budget per block (None when unbounded).
+    step_stats (`list[dict]`): per step: `fp_iters` allotted, `block` (its index), and per sample `iterations`,
+        `residual`, `ran`, `diverged` / `cold_start` (the solver's safety net stopped the solve at its best
+        iterate / rejected the warm start), and `trace`, the residual of every iteration, with
+        `output_solver_trace=True`.
     history (`list[LongTensor (B, L)]`): the canvas after every step, when `output_history=True`.
+    attention_mask (`BoolTensor (B, L)`): False on padding of `sequences`.
+    num_blocks (`int`): blocks decoded (1 without `block_length` when the sequence fits the model).
     """
 
     sequences: Optional[Tensor] = None
@@ -197,10 +84,12 @@ class FPMGMGenerationOutput(ModelOutput):
     budget: Optional[int] = None
     step_stats: Optional[list] = None
     history: Optional[list] = None
+    attention_mask: Optional[Tensor] = None
+    num_blocks: Optional[int] = None
 
 
 class _WarmState:
-    """Per-row solver state carried between denoising steps (explicit, never stored on the module)."""
+    """Per-row solver state carried between denoising steps of one block (explicit, never on the module)."""
 
     def __init__(self):
         self.fixed_point: Optional[Tensor] = None  # (B, L, D)
@@ -208,49 +97,109 @@ class _WarmState:
         self.logp: Optional[Tensor] = None  # (B, L, V): SUBS log-probs of that call
 
 
+@dataclass
+class _Window:
+    """One block being decoded: the columns `[ws, we)` the network sees and where it may reveal tokens."""
+
+    active: Tensor  # (B, W) False on padding: the attention mask
+    fill: Tensor  # (B, W) True inside the block (and not padding): where tokens may be revealed
+    block: tuple[int, int]  # the block's columns [s, e) relative to the window
+    index: int
+
+
 class FPMGMGenerationMixin:
-    """Adds `generate` to [`FPMGMForMaskedGeneration`]. The name ends in `GenerationMixin` so that
-    transformers' `can_generate()` recognises it without inheriting the autoregressive `GenerationMixin`."""
+    """Adds `generate` / `diffusion_generate` to [`FPMGMForMaskedGeneration`]. The name ends in
+    `GenerationMixin` so that transformers' `can_generate()` recognises it without inheriting the
+    autoregressive `GenerationMixin`."""
 
     generation_config_class = FPMGMGenerationConfig
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def _prepare_generation_config(self, generation_config, kwargs) -> FPMGMGenerationConfig:
-        base = generation_config if generation_config is not None else self.generation_config
-        if not isinstance(base, FPMGMGenerationConfig):
-            base = FPMGMGenerationConfig()
-        cfg = copy.deepcopy(base)
-        unknown = sorted(set(kwargs) - set(_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown generate() arguments {unknown}; valid options: {sorted(_FIELDS)}.")
-        for key, value in kwargs.items():
-            setattr(cfg, key, value)
-        cfg.validate()
+        base = self.generation_config if isinstance(self.generation_config, FPMGMGenerationConfig) else None
+        cfg = merge_generation_config(base or FPMGMGenerationConfig(), generation_config, kwargs)
         if cfg.mask_token_id is None:
             cfg.mask_token_id = getattr(self.config, "mask_token_id", None)
         if cfg.mask_token_id is None:
             raise ValueError("`mask_token_id` is not set on the model config nor passed to generate().")
+        vocab = self.config.vocab_size
+        named = [("mask_token_id", cfg.mask_token_id), ("pad_token_id", cfg.pad_token_id)]
+        named += [("bos_token_id", cfg.bos_token_id)] + [("eos_token_id", i) for i in cfg.eos_ids]
+        for name, value in named:
+            if value is not None and value >= vocab:
+                raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {vocab}).")
+            if value == cfg.mask_token_id and name != "mask_token_id":
+                raise ValueError(f"`{name}`={value} equals `mask_token_id`; it must be a real token.")
+        if cfg.block_length is not None and cfg.block_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"`block_length`={cfg.block_length} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}: a block must fit the model."
+            )
         return cfg
 
-    def _prepare_canvas(self, input_ids, attention_mask, cfg):
-        device = self.device
+    def _prepare_inputs(self, input_ids, attention_mask, class_labels, cfg):
+        """Canvas `(B, L)`, active `(B, L)`, class labels `(B,)` or None, and the input's padding side."""
+        W, mask_id = self.config.max_position_embeddings, cfg.mask_token_id
         if input_ids is None:
-            length = cfg.seq_len or self.config.max_position_embeddings
-            input_ids = torch.full((cfg.batch_size, length), cfg.mask_token_id, dtype=torch.long, device=device)
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+            if attention_mask is not None:
+                raise ValueError("`attention_mask` was given without `input_ids`.")
+            rows = cfg.batch_size
+            ids = torch.full((rows, 0 if cfg.bos_token_id is None else 1), cfg.bos_token_id or 0, dtype=torch.long)
+        else:
+            ids = check_token_ids(input_ids, "input_ids", self.config.vocab_size)
+            rows = ids.shape[0]
+        active = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else (
+            check_attention_mask(attention_mask, ids.shape).to(ids.device))
+        new = self._new_tokens(ids, cfg, from_scratch=input_ids is None)
+        side = "none"
+        if new is not None:
+            side = padding_side(active)
+            if side == "right":  # decode left-padded, so every row's new tokens share columns
+                ids, active = pack(ids, active, pads_first=True)
+            ids, active = append_masks(ids, active, new, mask_id)
+        elif input_ids is None:
+            length = cfg.seq_len or W
+            ids = torch.full((rows, length), mask_id, dtype=torch.long)
+            active = torch.ones_like(ids, dtype=torch.bool)
+        self._check_canvas(ids, active, new, cfg)
+        labels = self._prepare_guidance(class_labels, cfg, rows)
+        n = cfg.num_return_sequences
+        if rows * n > MAX_BATCH_SIZE:
+            raise ValueError(f"{rows} rows x `num_return_sequences`={n} exceeds the limit of {MAX_BATCH_SIZE} rows.")
+        expand = lambda x: None if x is None else x.repeat_interleave(n, 0).to(self.device)  # noqa: E731
+        return expand(ids), expand(active), expand(labels), side
+
+    def _new_tokens(self, ids, cfg, from_scratch: bool) -> Optional[int]:
+        """Masks to append: `max_new_tokens`, else `max_length` minus the prompt, else None (fill a canvas)."""
+        if cfg.max_new_tokens is not None:
+            return cfg.max_new_tokens
+        if cfg.max_length is None:
+            return None
+        new = cfg.max_length - ids.shape[1]
+        if new < 1:
             raise ValueError(
-                f"`input_ids` length {input_ids.shape[1]} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}."
+                f"`max_length`={cfg.max_length} leaves no room after the {ids.shape[1]}-token prompt; pass a larger "
+                "`max_length` or `max_new_tokens`."
             )
-        active = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if active.shape != input_ids.shape:
+        return new
+
+    def _check_canvas(self, ids, active, new, cfg):
+        W = self.config.max_position_embeddings
+        if ids.shape[1] == 0:
+            raise ValueError("`input_ids` has zero length: pass tokens, or `max_new_tokens` to generate some.")
+        if new is None and ids.shape[1] > W:
+            name = "seq_len" if cfg.seq_len is not None and ids.shape[1] == cfg.seq_len else "input_ids"
             raise ValueError(
-                f"`attention_mask` shape {tuple(active.shape)} must equal `input_ids` shape {tuple(input_ids.shape)}."
+                f"`{name}` length {ids.shape[1]} exceeds max_position_embeddings={W}; to generate past it, give a "
+                "prompt and `max_new_tokens` (decoded blockwise with a sliding context)."
             )
-        return input_ids.to(device).clone(), active.to(device)
+        if ids.shape[1] > W and getattr(self.config, "position_encoding", "rope_1d") == "rope_2d":
+            raise ValueError(
+                f"`max_new_tokens`={new} makes {ids.shape[1]} tokens, more than this image model's grid of {W}."
+            )
+        if bool(((ids == cfg.mask_token_id) & ~active).any()):
+            raise ValueError("`attention_mask` is 0 at a masked position of `input_ids`: padding is never filled.")
 
     def _prepare_guidance(self, class_labels, cfg, batch):
         num_classes = getattr(self.config, "num_classes", 0)
@@ -258,11 +207,22 @@ class FPMGMGenerationMixin:
             raise ValueError(
                 "`guidance_scale` needs a class-conditional model (config.num_classes > 0); this one is unconditional."
             )
+        if cfg.guidance_scale is not None and class_labels is None:
+            raise ValueError(
+                f"`guidance_scale`={cfg.guidance_scale} needs `class_labels` (guidance pulls towards a class); pass "
+                "them, or guidance_scale=None for unconditional samples."
+            )
         if class_labels is None:
             return None
         if not num_classes:
             raise ValueError("`class_labels` was given but the model is unconditional (config.num_classes=0).")
-        labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"`class_labels` must be integer class ids: {err}") from None
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"`class_labels` must be integer class ids; got dtype {labels.dtype}.")
+        labels = labels.long().reshape(-1)
         if labels.numel() == 1 and batch > 1:
             labels = labels.expand(batch)
         if labels.shape[0] != batch or int(labels.min()) < 0 or int(labels.max()) > num_classes:
@@ -327,95 +287,165 @@ class FPMGMGenerationMixin:
         callback: Optional[Callable[[int, Tensor], None]] = None,
         **kwargs,
     ):
-        r"""Fill every masked position of a canvas.
+        r"""Fill every masked position of a canvas, or continue a prompt by `max_new_tokens`.
 
         Args:
-            input_ids (`LongTensor (B, L)`): canvas; `mask_token_id` marks positions to fill (prompts and
-                infilling). When None, an all-masked canvas of `batch_size` x `seq_len` is used.
-            attention_mask (`(B, L)`): 0 marks padding, which is never attended to nor filled.
-            class_labels (`LongTensor (B,)`): classes of a class-conditional model.
-            generation_config ([`FPMGMGenerationConfig`]): defaults to `model.generation_config`.
+            input_ids (`(B, L)` integer ids): the prompt or canvas; `mask_token_id` marks positions to fill
+                (infilling). When None, an all-masked canvas of `batch_size` x `seq_len` (or `bos_token_id`
+                followed by `max_new_tokens` masks).
+            attention_mask (`(B, L)`): 0 marks padding (left or right), which is never attended to nor filled.
+            class_labels (`(B,)` integer ids): classes of a class-conditional model.
+            generation_config: an [`FPMGMGenerationConfig`], a transformers `GenerationConfig` or a dict;
+                defaults to `model.generation_config`.
             generator (`torch.Generator`): the only source of randomness.
-            streamer: receives each intermediate canvas through `put_draft` (or `put`), then `end()`.
-            callback: `callback(step, canvas)` after every step.
-            kwargs: any [`FPMGMGenerationConfig`] field, overriding it for this call.
+            streamer: transformers' streamer protocol (`put`, `put_draft`, `end`; see `streaming_fpmgm`).
+            callback: `callback(step, canvas)` after every step (steps counted across blocks).
+            kwargs: any [`FPMGMGenerationConfig`] field, or a Dream / LLaDA / transformers name for one
+                (`steps`, `gen_length`, `remasking`, `do_sample`), overriding it for this call.
 
         Returns:
-            `LongTensor (B, L)`, or an [`FPMGMGenerationOutput`] with `return_dict_in_generate=True`.
+            `LongTensor (B * num_return_sequences, L')`, or an [`FPMGMGenerationOutput`] with
+            `return_dict_in_generate=True`.
         """
+        if "inputs" in kwargs:  # transformers' and Dream's name for the prompt
+            if input_ids is not None:
+                raise ValueError("pass the prompt as `input_ids` or as `inputs`, not both.")
+            input_ids = kwargs.pop("inputs")
         cfg = self._prepare_generation_config(generation_config, kwargs)
-        canvas, active = self._prepare_canvas(input_ids, attention_mask, cfg)
-        labels = self._prepare_guidance(class_labels, cfg, canvas.shape[0])
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"`callback` must be callable as callback(step, canvas), got {type(callback).__name__}.")
+        emitter = StreamEmitter(streamer)
+        canvas, active, labels, side = self._prepare_inputs(input_ids, attention_mask, class_labels, cfg)
         c = self.config
         plan = plan_budget(
-            cfg.budget,
-            cfg.num_steps,
-            c.num_pre_layers,
-            c.num_fp_layers,
-            c.num_post_layers,
-            cfg.fp_schedule,
+            cfg.budget, cfg.num_steps, c.num_pre_layers, c.num_fp_layers, c.num_post_layers, cfg.fp_schedule,
             cfg.fp_iters_per_step,
         )
         was_training = self.training
         self.eval()  # training mode would run S-JFB draws instead of the planned iterations
         try:
-            out = self._sample_loop(canvas, active, labels, plan, cfg, generator, streamer, callback)
+            out = self._decode(canvas, active, labels, plan, cfg, generator, emitter, callback)
         finally:
             self.train(was_training)
+        if side == "right":  # back to the caller's layout: tokens, then the new ones, then padding
+            out.history = out.history and [pack(h, active, pads_first=False)[0] for h in out.history]
+            out.sequences, out.attention_mask = pack(out.sequences, active, pads_first=False)
         return out if cfg.return_dict_in_generate else out.sequences
 
-    def _sample_loop(self, canvas, active, labels, plan, cfg, generator, streamer, callback):
+    def diffusion_generate(self, inputs: Optional[Tensor] = None, generation_config=None, **kwargs):
+        r"""Dream's entry point: `generate` under Dream's argument names (`inputs`, `steps`, `alg`, `alg_temp`,
+        `temperature`, `top_p`, `top_k`, `max_new_tokens`, `output_history`, `return_dict_in_generate`).
+        `alg="origin"` is the ancestral (MDLM) step; the other algs rank positions in the confidence sampler."""
+        return self.generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _decode(self, canvas, active, labels, plan, cfg, generator, emitter, callback):
+        """The block loop: each block is denoised in its window, then the EOS rule and the streamer run."""
+        mask_id, B = cfg.mask_token_id, canvas.shape[0]
+        generated = (canvas == mask_id) & active
+        start = first_masked_column(canvas, active, mask_id)
+        blocks = plan_blocks(start, canvas.shape[1], cfg.block_length, self.config.max_position_embeddings)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids or [None])[0]
+        out = FPMGMGenerationOutput(
+            block_passes=torch.zeros(B, dtype=torch.long, device=canvas.device),
+            num_steps=len(plan),
+            nfe=torch.zeros(B, dtype=torch.long, device=canvas.device),
+            budget=cfg.budget,
+            step_stats=[],
+            history=[] if cfg.output_history else None,
+            attention_mask=active,
+            num_blocks=0,
+        )
+        emitter.prompt(canvas[:, :start])
+        canvas = canvas.clone()
+        for index, (s, e, ws, we) in enumerate(blocks):
+            fill = active.clone()
+            fill[:, :s], fill[:, e:] = False, False
+            if bool(((canvas == mask_id) & fill).any()):
+                window = _Window(active[:, ws:we], fill[:, ws:we], (s - ws, e - ws), index)
+                on_step = self._step_hook(canvas, (ws, we), window, out, emitter, callback)
+                decoded = self._sample_loop(canvas[:, ws:we], window, labels, plan, cfg, generator, out, on_step)
+                canvas[:, ws:we] = decoded
+                out.num_blocks += 1
+            if cfg.eos_ids:
+                canvas = apply_eos(canvas, generated, cfg.eos_ids, pad)
+            emitter.final(canvas[:, s:e])
+            if cfg.eos_ids and bool(eos_reached(canvas, generated, cfg.eos_ids).all()):
+                break  # every row has ended: the rest is padding already
+        emitter.end()
+        out.sequences = canvas
+        return out
+
+    def _step_hook(self, canvas, columns, window: _Window, out, emitter, callback):
+        """After every step: history and callback see the whole canvas, the streamer the block's tokens."""
+        ws, we = columns
+        s, e = window.block
+        whole = ws == 0 and we == canvas.shape[1]
+        first_step = len(out.step_stats)
+
+        def on_step(step: int, win: Tensor) -> None:
+            if out.history is not None or callback is not None:
+                full = win if whole else torch.cat([canvas[:, :ws], win, canvas[:, we:]], 1)
+                if out.history is not None:
+                    out.history.append(full.clone())
+                if callback is not None:
+                    callback(first_step + step, full)
+            emitter.draft(win[:, s:e])
+
+        return on_step
+
+    def _sample_loop(self, canvas, window: _Window, labels, plan, cfg, generator, out, on_step) -> Tensor:
+        """Denoise one window for `len(plan)` steps; accumulates passes, nfe and step stats into `out`."""
         B, T, mask_id = canvas.shape[0], len(plan), cfg.mask_token_id
         guided = cfg.guidance_scale is not None and labels is not None
         state = _WarmState()
-        passes = torch.zeros(B, dtype=torch.long, device=canvas.device)
-        nfe = torch.zeros_like(passes)
-        initial_masked = ((canvas == mask_id) & active).sum(1)
+        initial_masked = ((canvas == mask_id) & window.fill).sum(1)
         order = self._reveal_order(cfg, canvas.shape[1])
-        history, step_stats = [], []
         for i, fp_iters in enumerate(plan):
-            t, s = 1 - i / T, 1 - (i + 1) / T
-            rows = self._rows_to_run(state, canvas, active, mask_id, cfg)
+            t = 1 - i / T
+            rows = self._rows_to_run(state, canvas, window.fill, mask_id, cfg)
             stats = {
                 "fp_iters": fp_iters,
-                "iterations": torch.zeros_like(passes),
+                "iterations": torch.zeros_like(out.nfe),
                 "residual": torch.full((B,), float("nan")),
                 "ran": torch.zeros(B, dtype=torch.bool),
                 "diverged": torch.zeros(B, dtype=torch.bool),
                 "cold_start": torch.zeros(B, dtype=torch.bool),
+                "block": window.index,
             }
             if rows.numel():
-                self._run_rows(state, rows, canvas, active, labels, t, fp_iters, cfg, guided, passes, stats)
-                nfe[rows] += 1
-            logp = filter_log_probs(state.logp, cfg.temperature, cfg.top_k, cfg.top_p)
-            if cfg.sampler == "ancestral":
-                canvas = ancestral_step(canvas, logp, t, s, mask_id, active, generator, cfg.noise_eps)
-            else:
-                canvas = confidence_step(
-                    canvas,
-                    logp,
-                    i,
-                    T,
-                    initial_masked,
-                    mask_id,
-                    active,
-                    generator,
-                    cfg.randomness,
-                    cfg.mask_schedule,
-                    order,
-                )
-            step_stats.append(stats)
-            self._emit(canvas, i, history, cfg, streamer, callback)
-        if streamer is not None:
-            streamer.end()
-        return FPMGMGenerationOutput(
-            sequences=canvas,
-            block_passes=passes,
-            num_steps=T,
-            nfe=nfe,
-            budget=cfg.budget,
-            step_stats=step_stats,
-            history=history if cfg.output_history else None,
+                self._run_rows(state, rows, canvas, window.active, labels, t, fp_iters, cfg, guided, out, stats)
+                out.nfe[rows] += 1
+            canvas = self._transition(canvas, state.logp, i, T, initial_masked, window.fill, order, cfg, generator)
+            out.step_stats.append(stats)
+            on_step(i, canvas)
+        return canvas
+
+    def _transition(self, canvas, logp, i, T, initial_masked, fill, order, cfg, generator) -> Tensor:
+        """One sampler step from the SUBS log-probs of the last network call."""
+        mask_id = cfg.mask_token_id
+        filtered = filter_log_probs(logp, cfg.temperature, cfg.top_k, cfg.top_p)
+        if cfg.sampler == "ancestral":
+            t, s = 1 - i / T, 1 - (i + 1) / T
+            return ancestral_step(canvas, filtered, t, s, mask_id, fill, generator, cfg.noise_eps)
+        # Greedy decoding leaves one token per position: rank positions by the unsharpened distribution.
+        scored = filter_log_probs(logp, 1.0, cfg.top_k, cfg.top_p) if cfg.temperature == 0 and order is None else None
+        return confidence_step(
+            canvas,
+            filtered,
+            i,
+            T,
+            initial_masked,
+            mask_id,
+            fill,
+            generator,
+            cfg.randomness,
+            cfg.mask_schedule,
+            order,
+            alg=cfg.alg or "maskgit_plus",
+            alg_temp=cfg.alg_temp,
+            score_logp=scored,
         )
 
     def _reveal_order(self, cfg, length):
@@ -429,51 +459,51 @@ class FPMGMGenerationMixin:
             )
         return halton_order(rows, cols).to(self.device)
 
-    def _rows_to_run(self, state, canvas, active, mask_id, cfg):
+    def _rows_to_run(self, state, canvas, fill, mask_id, cfg):
         """Rows that need a network call: any masked token left, and (with the cache) a changed canvas."""
-        pending = ((canvas == mask_id) & active).any(1)
+        pending = ((canvas == mask_id) & fill).any(1)
         if state.canvas is not None and cfg.use_cache and not self.config.time_conditioning:
             pending &= (canvas != state.canvas).any(1)
         elif state.canvas is None:
             state.canvas = canvas.clone()
         return pending.nonzero().squeeze(1)
 
-    def _run_rows(self, state, rows, canvas, active, labels, t, fp_iters, cfg, guided, passes, stats):
+    def _run_rows(self, state, rows, canvas, active, labels, t, fp_iters, cfg, guided, out, stats):
         B, n = canvas.shape[0], rows.numel()
         fp_rows = torch.cat([rows, rows + B]) if guided else rows  # guided state holds [cond; null] rows
         sub_canvas, sub_active = canvas[rows], active[rows]
         init = self._warm_start(state, fp_rows, rows, sub_canvas, sub_active, cfg, guided)
         sub_labels = None if labels is None else labels[rows]
-        logits, out = self._denoise(sub_canvas, sub_active, sub_labels, t, fp_iters, init, cfg)
+        logits, net = self._denoise(sub_canvas, sub_active, sub_labels, t, fp_iters, init, cfg)
         logp = subs_log_probs(logits, sub_canvas, cfg.mask_token_id)  # float64 from here on
         if state.logp is None:
             state.logp = logp.new_zeros(canvas.shape + logp.shape[-1:])
-            state.fixed_point = out.fixed_point.new_zeros(((2 if guided else 1) * B,) + out.fixed_point.shape[1:])
+            state.fixed_point = net.fixed_point.new_zeros(((2 if guided else 1) * B,) + net.fixed_point.shape[1:])
         state.logp[rows] = logp
         state.canvas[rows] = sub_canvas
-        state.fixed_point[fp_rows] = out.fixed_point
-        passes[rows] += out.block_passes[:n]
-        stats["iterations"][rows] = out.solver_stats.iterations[:n]
-        stats["residual"][rows.cpu()] = out.solver_stats.residual[:n].float().cpu()
+        state.fixed_point[fp_rows] = net.fixed_point
+        out.block_passes[rows] += net.block_passes[:n]
+        stats["iterations"][rows] = net.solver_stats.iterations[:n]
+        stats["residual"][rows.cpu()] = net.solver_stats.residual[:n].float().cpu()
         stats["ran"][rows.cpu()] = True
         for flag in ("diverged", "cold_start"):  # the solver's safety net (FPMGMConfig.fp_divergence_patience)
-            value = getattr(out.solver_stats, flag, None)
+            value = getattr(net.solver_stats, flag, None)
             if value is not None:
                 stats[flag][rows.cpu()] = value[:n].cpu()
-        if out.solver_stats.trace is not None:
-            trace = torch.full((B, out.solver_stats.trace.shape[1]), float("nan"))
-            trace[rows.cpu()] = out.solver_stats.trace[:n].float().cpu()
+        if net.solver_stats.trace is not None:
+            trace = torch.full((B, net.solver_stats.trace.shape[1]), float("nan"))
+            trace[rows.cpu()] = net.solver_stats.trace[:n].float().cpu()
             stats["trace"] = trace
 
-    def _emit(self, canvas, step, history, cfg, streamer, callback):
-        if cfg.output_history:
-            history.append(canvas.clone())
-        if callback is not None:
-            callback(step, canvas)
-        if streamer is not None:
-            (getattr(streamer, "put_draft", None) or streamer.put)(canvas.clone())
+    # ------------------------------------------------------------------------------------ saving / loading
 
-    # ------------------------------------------------------------------------------------------ loading
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also declare the pipelines shipped with the model (`config.custom_pipelines`): this relative import
+        makes transformers copy `pipeline_fpmgm.py` next to the weights, for `pipeline(..., trust_remote_code=...)`."""
+        from .pipeline_fpmgm import custom_pipelines
+
+        self.config.custom_pipelines = custom_pipelines(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def adjust_generation_fn(
         self,

@@ -14,6 +14,12 @@ import torch
 
 Tensor = torch.Tensor
 FP_SCHEDULES = ("decreasing", "fixed", "increasing", "cosine", "front_loaded")
+# How the confidence sampler ranks masked positions (Dream's `alg` names).
+CONFIDENCE_ALGS = ("maskgit_plus", "topk_margin", "entropy", "origin")
+# Upper bounds per block: beyond them a call would run for minutes, so they are refused up front.
+MAX_NUM_STEPS = 10_000
+MAX_FP_ITERS_PER_STEP = 1_000
+MAX_BUDGET = 1_000_000
 
 
 # ----------------------------------------------------------------------------------------- noise schedule
@@ -115,6 +121,28 @@ def mask_schedule(ratio: Tensor, kind: str = "cosine") -> Tensor:
     raise ValueError(f"unknown mask schedule {kind!r}; valid names: ['arccos', 'cosine', 'linear'].")
 
 
+def confidence_scores(
+    logp: Tensor, tokens: Tensor, alg: str = "maskgit_plus", generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """How sure the model is at every position, float64 `(B, L)`; higher is revealed first.
+
+    maskgit_plus: log p of the drawn token (MaskGIT; Dream ranks by p, the same order). topk_margin: top-1
+    minus top-2 probability. entropy: minus the entropy of p. origin: uniform noise (a random order).
+    logp: (B, L, V) log-probabilities; tokens: (B, L) the drawn tokens.
+    """
+    if alg == "maskgit_plus":
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()
+    if alg == "topk_margin":
+        top2 = logp.double().topk(min(2, logp.shape[-1]), dim=-1).values.exp()  # (B, L, 2)
+        return top2[..., 0] - (top2[..., 1] if top2.shape[-1] > 1 else 0)
+    if alg == "entropy":
+        p = logp.double().exp()
+        return torch.where(p > 0, p * logp.double(), torch.zeros_like(p)).sum(-1)  # 0 log 0 = 0
+    if alg == "origin":
+        return _uniform(tokens.shape, tokens.device, generator)
+    raise ValueError(f"`alg`={alg!r} is invalid; allowed: {list(CONFIDENCE_ALGS)}.")
+
+
 def confidence_step(
     canvas: Tensor,
     logp_x0: Tensor,
@@ -127,13 +155,18 @@ def confidence_step(
     randomness: float = 0.0,
     schedule: str = "cosine",
     order: Optional[Tensor] = None,
+    alg: str = "maskgit_plus",
+    alg_temp: float = 0.0,
+    score_logp: Optional[Tensor] = None,
 ) -> Tensor:
     """MaskGIT step: draw a token at every masked position, then keep the k most confident.
 
     k makes each row's masked count follow `schedule` from `initial_masked` (B,) to 0 at the last step,
-    at least one token per step while any is masked. Confidence is log p of the drawn token plus Gumbel
-    noise scaled by `randomness * (1 - progress)` (annealed). With `order` (L,) (e.g. Halton), positions
-    are revealed in that fixed order instead of by confidence.
+    at least one token per step while any is masked. Confidence is scored by `alg` (see `confidence_scores`)
+    on `score_logp` (default `logp_x0`; greedy decoding passes the unsharpened distribution so that scores
+    are not all tied), plus Gumbel noise scaled by `randomness * (1 - progress)` (MaskGIT, annealed) +
+    `alg_temp` (Dream: positions drawn from softmax(score / alg_temp), i.e. Gumbel-top-k). With `order` (L,)
+    (e.g. Halton), positions are revealed in that fixed order instead.
     """
     masked = (canvas == mask_id) & active
     tokens = sample_categorical(logp_x0, generator)
@@ -148,10 +181,10 @@ def confidence_step(
         rank[order] = torch.arange(order.numel(), device=order.device)
         score = -rank.double().expand(canvas.shape).clone()
     else:
-        score = logp_x0.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double()
-        if randomness > 0:
+        score = confidence_scores(logp_x0 if score_logp is None else score_logp, tokens, alg, generator)
+        if randomness > 0 or alg_temp > 0:
             gumbel = -torch.log(-torch.log(_uniform(canvas.shape, canvas.device, generator).clamp_min(1e-20)))
-            score = score + randomness * (1 - float(progress)) * gumbel
+            score = score + (randomness * (1 - float(progress)) + alg_temp) * gumbel
     score = score.masked_fill(~masked, -math.inf)
     ranked = score.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of every position
     reveal = masked & (ranked < k[:, None])
@@ -262,11 +295,13 @@ def plan_budget(
 
     Without a budget every step gets `iters_per_step`. Without `num_steps` they are chosen so each step
     averages about `iters_per_step` iterations. For an explicit stack (k_fp = 0) steps = budget // layers.
-    Raises `ValueError` (naming `budget` and the minimum) when the budget cannot pay for the steps.
+    Raises `ValueError` (naming `budget` and the minimum) when the budget cannot pay for the steps, and when
+    it would need more than `MAX_NUM_STEPS` steps or `MAX_FP_ITERS_PER_STEP` iterations in a step.
     """
     per_step_min = k_pre + k_fp + k_post
     if budget is None:
         T = 16 if num_steps is None else num_steps
+        _check_steps(T, "num_steps")
         return [iters_per_step if k_fp else 0] * T
     if k_fp == 0:
         T = budget // per_step_min if num_steps is None else num_steps
@@ -275,6 +310,7 @@ def plan_budget(
                 f"`budget`={budget} is below the minimum {max(T, 1) * per_step_min} block passes for "
                 f"{max(T, 1)} step(s) of a {per_step_min}-layer model."
             )
+        _check_steps(T, "budget" if num_steps is None else "num_steps")
         return [0] * T
     T = num_steps if num_steps is not None else max(1, budget // (k_pre + k_post + iters_per_step * k_fp))
     if T * per_step_min > budget:
@@ -282,5 +318,20 @@ def plan_budget(
             f"`budget`={budget} is below the minimum {T * per_step_min} block passes for num_steps={T} "
             f"(each step costs at least {per_step_min} = K_pre + 1*K_fp + K_post)."
         )
+    _check_steps(T, "budget" if num_steps is None else "num_steps")
     total_iters = (budget - T * (k_pre + k_post)) // k_fp
-    return allocate_iterations(total_iters, T, kind)
+    plan = allocate_iterations(total_iters, T, kind)  # T <= MAX_NUM_STEPS: cheap
+    if max(plan) > MAX_FP_ITERS_PER_STEP:
+        raise ValueError(
+            f"`budget`={budget} gives {max(plan)} fixed-point iterations to one step; at most "
+            f"{MAX_FP_ITERS_PER_STEP} are allowed (pass more `num_steps` or a smaller budget)."
+        )
+    return plan
+
+
+def _check_steps(T: int, name: str) -> None:
+    if T > MAX_NUM_STEPS:
+        raise ValueError(
+            f"`{name}` asks for {T} denoising steps; at most {MAX_NUM_STEPS} per block are allowed "
+            "(pass a smaller budget or an explicit `num_steps`)."
+        )
