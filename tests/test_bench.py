@@ -22,25 +22,66 @@ def test_run_all_writes_the_report_and_flags_failures(tmp_path):
     assert "FAILED (exit 1)" in out.read_text() and "boom" in out.read_text()
 
 
-def test_reproduction_report_lists_stages_curves_and_findings(tmp_path):
-    import json
+def _point(model, reuse, budget, nll, schedule="decreasing", evaluator="char-lm", **kw):
+    import math
 
-    import reproduce_text
+    from fpmgm_hf.sweep_report import SweepPoint
+
+    gen = math.exp(sum(nll) / len(nll))
+    return SweepPoint(model, reuse, schedule, budget, budget // 4, gen, gen, 3.0, float(budget), 1.0, "",
+                      {"per_sample_nll": nll}, evaluator=evaluator, ci95=[gen * 0.9, gen * 1.1], n_samples=len(nll),
+                      **kw)
+
+
+def test_claim_verdicts_follow_the_intervals():
+    import math
+
+    import torch
+    from repro_claims import ratio_ci, verdict
+
+    assert verdict([(0.8, 0.7, 0.9), (0.5, 0.4, 0.6)]) == "holds"
+    assert verdict([(0.8, 0.7, 0.9), (1.2, 1.1, 1.3)]) == "fails"
+    assert verdict([(0.9, 0.8, 1.1)]) == "inconclusive" and verdict([]) == "not measured"
+    g = torch.Generator().manual_seed(0)
+    a = (1.0 + 0.1 * torch.randn(200, generator=g)).tolist()
+    b = (1.5 + 0.1 * torch.randn(200, generator=g)).tolist()
+    ratio, lo, hi = ratio_ci(_point("a", "none", 96, a), _point("b", "none", 96, b))
+    assert lo < ratio < hi and abs(ratio - math.exp(sum(a) / len(a) - sum(b) / len(b))) < 1e-9
+    assert hi < 0.7  # 200 samples separate a 40% gap
+
+
+def test_reproduction_report_fills_the_claims_table_and_the_schema(tmp_path, monkeypatch):
+    import json
+    from argparse import Namespace
+    from dataclasses import asdict
+
+    import repro_claims
 
     out, docs = tmp_path / "repro", tmp_path / "docs"
-    (out / "mdlm").mkdir(parents=True)
+    good, bad = [0.5] * 64, [1.5] * 64
+    points = [_point("MDLM", "none", b, bad) for b in (24, 96)]
+    points += [_point("FP-MDLM + L_CONS", r, b, good if r == "3sr" else bad) for r in ("none", "full", "3sr")
+               for b in (24, 96)]
+    points += [_point("MDLM", "none", 24, bad, evaluator="general")]
+    (out / "sweep" / "x").mkdir(parents=True)
+    (out / "sweep" / "x" / "results.json").write_text(json.dumps({"eval_lm": {}, "points": [asdict(p) for p in points]}))
+    (out / "nelbo.json").write_text(json.dumps({"MDLM": {"val_nelbo": 2.0, "params": 100},
+                                                "FP-MDLM": {"val_nelbo": 2.05, "params": 40}}))
+    (out / "stages.jsonl").write_text(json.dumps({"stage": "mdlm", "cmd": ["python", "x"], "seconds": 12}) + "\n")
     docs.mkdir()
-    (out / "results.md").write_text("| model | B96 |\n|---|---|\n| MDLM | 3790.2 / 4.28 [T=8] |\n")
-    (out / "quality_vs_budget.png").write_bytes(b"\x89PNG fake")
-    (out / "mdlm" / "log.jsonl").write_text("".join(json.dumps({"step": s, "val_ppl": v}) + "\n"
-                                                    for s, v in [(0, 3887.0), (150, 648.0), (300, 602.0)]))
-    stages = [{"stage": "mdlm", "cmd": ["python", "-m", "fpmgm_hf.train"], "seconds": 3560, "note": "stopped early"},
-              {"stage": "cons", "cmd": ["python", "x"], "seconds": 34, "returncode": 1}]
-    (out / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stages))
     (docs / "findings.md").write_text("## Findings\n\nhand-written\n")
-    reproduce_text.write_report(out, docs)
+    monkeypatch.setattr(repro_claims, "corpus_entropies",
+                        lambda *a: {"unigram_entropy": 3.3, "bigram_entropy": 2.5, "train_tokens_per_epoch": 1})
+    args = Namespace(batch=32, seq_len=128, steps=10, cons_steps=2, conv_steps=3)
+    repro_claims.write_report(out, docs, args)
+    results = json.loads((docs / "results.json").read_text())
+    assert set(results) == {"tokenizer", "unigram_entropy", "bigram_entropy", "models", "sweep"}
+    assert results["models"]["MDLM"] == {"val_nelbo": 2.0, "params": 100, "baseline": True, "train_tokens": 40960}
+    assert {p["evaluator"] for p in results["sweep"]} == {"char-lm", "general"}
     text = (docs / "README.md").read_text()
-    assert "| MDLM | 3790.2 / 4.28 [T=8] |" in text and (docs / "quality_vs_budget.png").exists()
-    assert "3887 (step 0) → 648 (step 150) → 602 (step 300) |" in text  # last point not repeated
-    assert "| mdlm (stopped early) | 3560 |" in text and "| cons (failed; rerun below) | 34 |" in text
-    assert text.rstrip().endswith("hand-written")
+    claims = {c["claim"]: c["verdict"] for c in json.loads((out / "claims.json").read_text())}
+    assert claims["CoFRe better than MDLM at every budget (gen-PPL ratio CoFRe / MDLM)"] == "holds"
+    assert claims["3SR better than no reuse (CoFRe 3SR / CoFRe none)"] == "holds"
+    assert claims["FP-MDLM's likelihood close to MDLM's (held-out NELBO, relative)"] == "holds"  # +2.5%
+    assert "| fewer parameters (FP-MDLM / MDLM) | 0.612 (−38.8%) | 0.400 (40 / 100) | **holds** |" in text
+    assert text.rstrip().endswith("hand-written") and "| mdlm |  | 12 | `python x` |" in text
