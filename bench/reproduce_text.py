@@ -6,9 +6,9 @@ decide each claim. One resumable command.
 
 Stages (a finished stage is skipped; training stages resume from their last checkpoint):
   tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
-  char-lm    the in-domain evaluator: a GPT-2-style character LM on the same training blocks
   train      MDLM (--mdlm-layers explicit blocks) and FP-MDLM 1/1/1 at the same width, steps and batch, side by
-             side with one thread each (so their time per step is compared under the same load)
+             side (so their time per step is compared under the same load), and beside them the in-domain
+             evaluator: a GPT-2-style character LM on the same training blocks
   post       the consistency stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the
              same stage run 3x longer without the stop rule (entropy collapse); the MDLM converted with
              `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
@@ -44,11 +44,11 @@ def parse_args(argv=None):
     a("--mdlm-layers", type=int, default=8, help="explicit blocks of the MDLM baseline")
     a("--seq-len", type=int, default=128, help="characters per block and per sample")
     a("--batch", type=int, default=32, help="blocks per training step")
-    a("--steps", type=int, default=7000, help="pretraining steps of MDLM and FP-MDLM")
+    a("--steps", type=int, default=5000, help="pretraining steps of MDLM and FP-MDLM")
     a("--lr", type=float, default=1e-3, help="peak learning rate of MDLM and FP-MDLM")
-    a("--cons-steps", type=int, default=1000, help="consistency-stage steps (CoFRe)")
-    a("--conv-steps", type=int, default=1500, help="conversion fine-tuning steps (then --cons-steps of consistency)")
-    a("--lm-steps", type=int, default=3000, help="training steps of the character-level evaluation LM")
+    a("--cons-steps", type=int, default=600, help="consistency-stage steps (CoFRe)")
+    a("--conv-steps", type=int, default=1200, help="conversion fine-tuning steps (then --cons-steps of consistency)")
+    a("--lm-steps", type=int, default=2500, help="training steps of the character-level evaluation LM")
     a("--budgets", type=int, nargs="+", default=[24, 48, 96, 192, 384, 768], help="sweep budgets")
     a("--samples", type=int, default=128, help="samples per final sweep point")
     a("--pilot-samples", type=int, default=24, help="samples per step-count candidate")
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     a("--fp-tol", type=float, default=1e-3, help="tolerance of the adaptive-stopping rows")
     a("--eval-lm", default="gpt2-large", help="the general evaluation LM (offline: the SmolLM2 fallback)")
     a("--seed", type=int, default=0, help="seed of every stage")
-    a("--only", choices=["tokenizer", "char-lm", "train", "post", "nelbo", "sweep", "report"], help="one stage")
+    a("--only", choices=["tokenizer", "train", "post", "nelbo", "sweep", "report"], help="run one stage")
     return p.parse_args(argv)
 
 
@@ -130,16 +130,14 @@ def stage_tokenizer(args, out):
         f.write(json.dumps({"stage": "tokenizer", "seconds": round(time.time() - t0, 1)}) + "\n")
 
 
-def stage_char_lm(args, out):
-    if done(out / "char-lm" / "final"):
-        return
-    cmd = [PY, "-m", "fpmgm_hf.evaluation", "train-lm", "--tokenizer", out / "tokenizer", "--out", out / "char-lm",
-           "--seq-len", args.seq_len, "--max-steps", args.lm_steps, "--seed", args.seed, "--resume"]
-    run(cmd, out, "char-lm", os.cpu_count() or 2)
+def char_lm_cmd(args, out) -> list:
+    return [PY, "-m", "fpmgm_hf.evaluation", "train-lm", "--tokenizer", out / "tokenizer", "--out", out / "char-lm",
+            "--seq-len", args.seq_len, "--max-steps", args.lm_steps, "--seed", args.seed, "--resume"]
 
 
 def stage_train(args, out):
-    jobs = []
+    """MDLM and FP-MDLM side by side (same load, so their time per step compares), the evaluator beside them."""
+    jobs = [] if done(out / "char-lm" / "final") else [("char-lm", char_lm_cmd(args, out))]
     if not done(out / "mdlm" / "final"):
         jobs.append(("mdlm", train_cmd(args, out, "mdlm", args.steps, layers=(args.mdlm_layers, 0, 0))))
     if not done(out / "fp" / "final"):
@@ -247,7 +245,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "char-lm": stage_char_lm, "train": stage_train, "post": stage_post,
+    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post,
               "nelbo": stage_nelbo, "sweep": stage_sweep, "report": stage_report}
     t0 = time.time()
     for name, fn in stages.items():
