@@ -102,6 +102,21 @@ def test_solver_safety_net_stops_an_expanding_map_at_its_best_iterate():
         picard(f, z0, max_iter=5, divergence_patience=0)
 
 
+def test_safety_net_with_rows_stopping_at_different_times():
+    # Row 0 contracts to 2 and stops by tolerance; rows 1 and 2 expand (residual doubles) from different starts:
+    # they trip after 3 rises, in the row-subset phase, and come back as their own first iterates.
+    def f(z, rows):
+        rows = torch.arange(3) if rows is None else rows
+        expand = (rows > 0).view(-1, 1, 1)
+        return torch.where(expand, 2.0 * z + 1.0, 0.5 * z + 1.0)
+
+    z0 = torch.tensor([0.0, 1.0, 5.0]).view(3, 1, 1).expand(3, 2, 4).clone()
+    z, stats = picard(f, z0, max_iter=60, tol=1e-6, divergence_patience=3)
+    assert stats.converged.tolist() == [True, False, False] and stats.diverged.tolist() == [False, True, True]
+    torch.testing.assert_close(z[0], torch.full((2, 4), 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[1:], 2.0 * z0[1:] + 1.0)
+
+
 @pytest.mark.parametrize("solver", [picard, anderson])
 def test_safety_net_never_trips_on_a_contraction(solver):
     f = lambda z, rows: 0.5 * z + 1.0  # noqa: E731
@@ -155,7 +170,8 @@ def test_exploding_or_nonfinite_warm_start_falls_back_to_h_pre():
 
 
 def test_jacobian_penalty_is_the_probe_through_the_explicit_jacobian():
-    model = tiny_model(fp_jacobian_reg=2.0, fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(1, 1)).train()
+    model = tiny_model(fp_jacobian_reg=2.0, fp_residual_reg=0.0, fp_train_nograd_iters=(0, 0),
+                       fp_train_grad_iters=(1, 1)).train()
     x = torch.randint(0, VOCAB, (1, 3))
     out = model(x, generator=torch.Generator().manual_seed(5))
     # Reference: the same probe (the generator's draws after the two S-JFB draws) through J computed densely.
@@ -195,7 +211,7 @@ def _map(model, x, h_pre):
 
 def test_residual_penalty_reaches_the_objective():
     x0 = torch.randint(0, MASK, (2, 8))
-    plain = tiny_model(fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
+    plain = tiny_model(fp_residual_reg=0.0, fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
     reg = tiny_model(fp_residual_reg=0.5, fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
     assert plain(x0, generator=torch.Generator().manual_seed(0)).fixed_point_loss is None
     loss_plain, _ = mdlm_nelbo(plain, x0, generator=torch.Generator().manual_seed(0))

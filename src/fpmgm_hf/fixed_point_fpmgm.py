@@ -17,7 +17,7 @@ from transformers import initialization as init
 
 Tensor = torch.Tensor
 
-WARM_START_MAX_RATIO = 100.0  # a warm start whose RMS exceeds this multiple of h_pre's is rejected
+WARM_START_MAX_RATIO = 100.0  # a warm start whose norm exceeds this multiple of h_pre's is rejected
 
 
 class WarmStart(NamedTuple):

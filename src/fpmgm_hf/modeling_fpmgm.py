@@ -412,9 +412,9 @@ class FPMGMModel(FPMGMPreTrainedModel):
             return z0, None
         # A warm start carrying a non-finite or exploding state (an expansive map iterated across steps) would
         # only feed the explosion: such rows start from h_pre instead.
-        z_rms = z0.detach().float().pow(2).flatten(1).mean(1).sqrt()  # (B,)
-        h_rms = h_pre.detach().float().pow(2).flatten(1).mean(1).sqrt()
-        rejected = ~torch.isfinite(z_rms) | (z_rms > WARM_START_MAX_RATIO * h_rms.clamp_min(1e-6))
+        z_norm = torch.linalg.vector_norm(z0.detach(), dim=(1, 2), dtype=torch.float32)  # (B,)
+        h_norm = torch.linalg.vector_norm(h_pre.detach(), dim=(1, 2), dtype=torch.float32)
+        rejected = ~torch.isfinite(z_norm) | (z_norm > WARM_START_MAX_RATIO * h_norm.clamp_min(1e-6))
         if bool(rejected.any()):
             z0 = torch.where(rejected[:, None, None], h_pre, z0)
         return z0, rejected

@@ -112,7 +112,8 @@ class _ActiveSet:
         self.patience = patience
         if patience is not None:
             B = z0.shape[0]
-            self.best_z = z0
+            self.snapshots = {-1: z0}  # iteration -> the whole batch's state then (references, no copies)
+            self.best_iter = torch.full((B,), -1, dtype=torch.long, device=z0.device)
             self.best_res = torch.full((B,), float("inf"), device=z0.device)
             self.last_res = torch.full((B,), float("inf"), device=z0.device)
             self.rising = torch.zeros(B, dtype=torch.long, device=z0.device)
@@ -152,8 +153,12 @@ class _ActiveSet:
             st.trace[self.rows, step] = res
         keep = finite
         if self.patience is not None:
-            new, keep = self._safety_net(new, diff, finite, keep)
+            new, keep, improved = self._safety_net(step, new, diff, finite, keep)
         self.z = self.put(self.z, new)
+        if self.patience is not None and bool(improved.any()):
+            self.snapshots[step] = self.z
+            alive = set(self.best_iter.tolist())
+            self.snapshots = {k: v for k, v in self.snapshots.items() if k in alive}
         if self.tol is not None:
             done = keep & (res < self.tol)
             st.converged = self.put(st.converged, self.get(st.converged) | done)
@@ -170,26 +175,26 @@ class _ActiveSet:
         self.stats.nonfinite[bad] = True
         return torch.where(finite.view(-1, *([1] * (new.dim() - 1))), new, old)
 
-    def _safety_net(self, new, diff, finite, keep):
-        """Track the best iterate per row; stop rows whose residual rose `patience` times in a row (or that
-        went non-finite) and set them back to their best iterate. The best iterate is kept by reference while
-        every row improves (the contraction case), so it costs no copy there."""
+    def _safety_net(self, step, new, diff, finite, keep):
+        """Stop rows whose residual rose `patience` times in a row (or that went non-finite) and set them back to
+        their best iterate. The best iterate of a row is remembered as the iteration it happened at, and the
+        batch states of those iterations are kept by reference, so tracking it costs no copy."""
         improved = finite & (diff < self.get(self.best_res))
-        if bool(improved.all()):
-            best = new
-        else:
-            best = torch.where(improved.view(-1, *([1] * (new.dim() - 1))), new, self.get(self.best_z))
-        self.best_z = self.put(self.best_z, best)
         self.best_res = self.put(self.best_res, torch.where(improved, diff, self.get(self.best_res)))
+        self.best_iter = self.put(self.best_iter, torch.where(improved, step, self.get(self.best_iter)))
         rising = torch.where(finite & (diff > self.get(self.last_res)), self.get(self.rising) + 1, 0)
         self.rising = self.put(self.rising, rising)
         self.last_res = self.put(self.last_res, torch.where(finite, diff, self.get(self.last_res)))
         tripped = (rising >= self.patience) | ~finite
         if bool(tripped.any()):
             self.stats.diverged = self.put(self.stats.diverged, self.get(self.stats.diverged) | tripped)
-            new = torch.where(tripped.view(-1, *([1] * (new.dim() - 1))), best, new)
+            local = tripped.nonzero().squeeze(1)  # positions among the active rows
+            rows = self.rows[local]
+            best = torch.stack([self.snapshots[k][r] for k, r in zip(self.best_iter[rows].tolist(), rows.tolist(),
+                                                                      strict=True)])
+            new = new.index_copy(0, local, best.to(new.dtype))
             keep = keep & ~tripped
-        return new, keep
+        return new, keep, improved
 
     def shrink(self, keep: Tensor) -> bool:
         """Drop rows that stopped; returns False when no row is left."""
