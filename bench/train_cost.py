@@ -1,5 +1,5 @@
-"""Training cost on CPU: FP-MDLM (1/1/1 blocks, concat_mlp injection, S-JFB) vs MDLM (12/0/0) at the same
-width and sequence length. Each model runs in its own subprocess so peak memory (ru_maxrss) is its own.
+"""Training cost on CPU: FP-MDLM (1/1/1 blocks, the default map: constrained injection + residual penalty,
+S-JFB) vs MDLM (12/0/0) at the same width and sequence length. Each model runs in its own subprocess so peak memory (ru_maxrss) is its own.
 
     python bench/train_cost.py --hidden 256 --heads 4 --seq-len 128 --batch 8
 
@@ -19,7 +19,7 @@ import sys
 import time
 
 MODELS = {
-    "fp-mdlm": dict(num_pre_layers=1, num_fp_layers=1, num_post_layers=1, injection="concat_mlp"),
+    "fp-mdlm": dict(num_pre_layers=1, num_fp_layers=1, num_post_layers=1),
     "mdlm": dict(num_pre_layers=12, num_fp_layers=0, num_post_layers=0),
 }
 
