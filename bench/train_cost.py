@@ -1,5 +1,6 @@
 """Training cost on CPU: FP-MDLM (1/1/1 blocks, the default map: constrained injection + residual penalty,
-S-JFB) vs MDLM (12/0/0) at the same width and sequence length. Each model runs in its own subprocess so peak memory (ru_maxrss) is its own.
+S-JFB) vs MDLM (12/0/0) at the same width and sequence length. Each model runs in its own subprocess so peak
+memory (ru_maxrss) is its own.
 
     python bench/train_cost.py --hidden 256 --heads 4 --seq-len 128 --batch 8
 
