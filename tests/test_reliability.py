@@ -96,9 +96,10 @@ def test_converter_killed_with_sigkill_resumes_bit_identically(assets, tmp_path)
 
 def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "examples/demo.py", "--out", str(out), "--data", str(assets["data"]), "--vocab-size",
-           "300", "--hidden-size", "32", "--seq-len", "16", "--batch-size", "2", "--steps", "12", "--save-every", "3",
-           "--convert-steps", "2", "--budgets", "12", "--samples", "2", "--eval-lm", str(tiny_lm(tmp_path / "lm"))]
+    cmd = [sys.executable, "examples/demo.py", "--out", str(out), "--data", str(assets["data"]),
+           "--hidden-size", "32", "--seq-len", "16", "--batch-size", "2", "--steps", "12", "--save-every", "3",
+           "--convert-steps", "2", "--consistency-steps", "2", "--budgets", "12", "--samples", "2",
+           "--eval-lm", str(tiny_lm(tmp_path / "lm"))]
     ckpts = out / "mdlm" / "checkpoints"
     _kill_when(_spawn(cmd, tmp_path, slow=True), lambda: (ckpts / "step_3").is_dir())
     assert not (out / "mdlm" / "final").exists()
