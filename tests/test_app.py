@@ -441,16 +441,31 @@ def filled(canvas: dict) -> bool:
     return canvas["tokens"] > 0 and canvas["masks"] == 0 and render.MASK_GLYPH not in canvas["text"]
 
 
-def generate_and_wait(driver, seen: list, compare: bool) -> dict:
+WATCH_FRAMES = """
+    // Record every canvas the page shows, however fast the frames come: the most masks and highlighted tokens seen.
+    window.fpmgmSeen = {a: 0, fresh: 0, b: 0};
+    const count = (sel) => document.querySelectorAll(sel).length;
+    new MutationObserver(() => {
+        const seen = window.fpmgmSeen;
+        seen.a = Math.max(seen.a, count('#canvas-a .tok-mask'));
+        seen.fresh = Math.max(seen.fresh, count('#canvas-a .tok-mask') ? count('#canvas-a .tok-new') : 0);
+        seen.b = Math.max(seen.b, count('#canvas-b .tok-mask'));
+    }).observe(document.body, {childList: true, subtree: true});"""
+
+
+def generate_and_wait(driver, compare: bool) -> tuple[dict, dict]:
+    """Click Generate and wait until the run is done and the canvases hold no mask marker; returns the final
+    state and what the page showed on the way (`WATCH_FRAMES`)."""
+    driver.execute_script(WATCH_FRAMES)
     driver.find_element("css selector", "#generate").click()
 
     def finished():
         state = page_state(driver)
-        seen.append(state)
         done = state["state"] == "done" and filled(state["a"]) and (filled(state["b"]) or not compare)
         return state if done else None
 
-    return wait_for("the canvases to fill (no mask marker left)", finished)
+    final = wait_for("the canvases to fill (no mask marker left)", finished)
+    return final, driver.execute_script("return window.fpmgmSeen;")
 
 
 def test_the_page_in_a_real_browser(server, browser, tmp_path):
@@ -462,17 +477,15 @@ def test_the_page_in_a_real_browser(server, browser, tmp_path):
     wait_for("the page to load", lambda: browser.find_elements("css selector", "#generate"))
     set_number(browser, "#budget input[type=number]", 60)
     assert browser.find_element("css selector", "#budget input[type=range]").get_attribute("value") == "60"
-    set_number(browser, "#delay input[type=number]", 120)  # slow enough to watch (and to catch frames here)
+    set_number(browser, "#delay input[type=number]", 100)  # slow enough to watch
     browser.find_element("css selector", "#compare input").click()
     browser.find_element("css selector", '#compare li[role=option][aria-label="tiny-mdlm"]').click()
     wait_for("the second canvas", lambda: page_state(browser)["b"]["shown"], timeout=30)
 
-    seen = []
-    final = generate_and_wait(browser, seen, compare=True)
-    running = [s for s in seen if s["state"] == "running"]
-    assert any(s["a"]["masks"] > 0 for s in running), "no frame with masks was streamed"
-    assert any(s["a"]["fresh"] > 0 for s in running), "no newly revealed token was highlighted"
-    assert any(s["b"]["masks"] > 0 for s in running), "the compared model's canvas did not stream"
+    final, seen = generate_and_wait(browser, compare=True)
+    assert seen["a"] > 0, "no frame with masks was streamed"
+    assert seen["fresh"] > 0, "no newly revealed token was highlighted while masks were left"
+    assert seen["b"] > 0, "the compared model's canvas did not stream"
     assert "block passes" in final["status"] and "Traceback" not in browser.page_source
     summary = browser.find_element("css selector", "#summary").text
     assert "tiny-fp-mdlm" in summary and "tiny-mdlm" in summary and "(60)" in summary, summary  # the set budget
@@ -490,6 +503,6 @@ def test_the_page_in_a_real_browser(server, browser, tmp_path):
     assert browser.find_element("css selector", "#status [role=alert]") and "Traceback" not in browser.page_source
 
     set_number(browser, "#temperature input", 0.8)  # the server kept serving: the next request works
-    assert filled(generate_and_wait(browser, [], compare=True)["b"])
+    assert filled(generate_and_wait(browser, compare=True)[0]["b"])
     assert "Traceback" not in log_path.read_text()
     print(f"browser test: {time.time() - start:.1f} s after the server was up")
