@@ -23,4 +23,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
     || echo "[setup] warning: could not install dataset-fashion-mnist (image examples will say how)"
 fi
+# The web demo's browser test (tests/test_app.py) drives Debian's Chromium through its chromedriver; nothing is
+# downloaded at test time.
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's chromium and chromium-driver (browser test of app.py)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "[setup] warning: could not install chromium + chromium-driver (tests/test_app.py's browser test needs them)"
+fi
 .venv/bin/python -c "import torch, transformers, fpmgm_hf; print(f'[setup] ready: torch {torch.__version__}, transformers {transformers.__version__}, fpmgm_hf {fpmgm_hf.__version__}')"
