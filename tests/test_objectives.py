@@ -23,7 +23,8 @@ def make_model(seed=0, std=0.05, **overrides):
     """A tiny model with every weight random (the default init zeroes the adaLN gates and the head)."""
     kwargs = dict(vocab_size=V, mask_token_id=MASK, hidden_size=32, num_attention_heads=4, cond_dim=16,
                   dropout=0.0, max_position_embeddings=64, num_pre_layers=1, num_fp_layers=1, num_post_layers=1,
-                  fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2), fp_max_iter=3, time_conditioning=True)
+                  fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2), fp_max_iter=3, time_conditioning=True,
+                  fp_residual_reg=0.0)  # the task losses alone; the fixed-point penalty is tested in test_stability
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = FPMGMForMaskedGeneration(FPMGMConfig(**kwargs))
