@@ -309,6 +309,7 @@ def _write_readme(docs, out, args, payload, table, sweep_md, times):
         "## Models", "", "| model | parameters | training tokens | held-out NELBO (nats/char) |", "|---|---|---|---|",
         *[f"| {k} | {v['params']:,} | {v['train_tokens']:,} | {v['val_nelbo']:.4f} |"
           for k, v in payload["models"].items()], "",
+        *_contract_section(out, payload["models"]),
         "## Claims", "",
         "Ratios are generative-perplexity ratios under the in-domain character LM with 95% bootstrap intervals "
         "(below 1 = the first model is better); a claim holds when every interval is on its side of 1.", "",
@@ -327,6 +328,28 @@ def _write_readme(docs, out, args, payload, table, sweep_md, times):
         lines += ["", (docs / "findings.md").read_text()]
     (docs / "README.md").write_text("\n".join(lines) + "\n")
     _write_samples(docs, out)
+
+
+def _contract_section(out: Path, models: dict) -> list[str]:
+    """The stability contract of every fixed-point model (OUT/contract/*.json), as markdown lines."""
+    rows = []
+    for name in models:
+        path = out / "contract" / ("".join(c if c.isalnum() else "_" for c in name).strip("_") + ".json")
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        worst32 = max(row["residual"]["32"] for row in r["profile"].values())
+        growth = max(row["growth_per_iter"] for row in r["profile"].values())
+        gen = " / ".join("ok" if r["generation"][m]["finite"] else "non-finite" for m in ("full", "3sr"))
+        rows.append(f"| {name} | {worst32:.2g} | ×{growth:.4f} | {gen} | "
+                    f"{'holds' if not r['failures'] else 'fails: ' + '; '.join(r['failures'])} |")
+    if not rows:
+        return []
+    return ["## Stability contract", "",
+            "`python -m fpmgm_hf.stability MODEL` on 32 held-out blocks per mask rate (0.15 / 0.5 / 0.9; the worst "
+            "rate shown) and `generate` at budget 768 with warm starts, safety net off (docs/stability).", "",
+            "| model | residual @32 | growth / iter (32→64) | full / 3SR @768 | contract |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _write_samples(docs: Path, out: Path, per_point: int = 3) -> None:

@@ -7,13 +7,13 @@ decide each claim. One resumable command.
 Stages (a finished stage is skipped; training stages resume from their last checkpoint):
   tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
   train      MDLM (--mdlm-layers explicit blocks) and FP-MDLM 1/1/1 at the same width, steps and batch, side by
-             side (so their time per step is compared under the same load), and beside them the in-domain
-             evaluator: a GPT-2-style character LM on the same training blocks
-  post       the consistency stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the
+             side (so their time per step is compared under the same load)
+  post       the in-domain evaluator (a GPT-2-style character LM on the same training blocks); the consistency stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the
              same stage run 3x longer without the stop rule (entropy collapse); the MDLM converted with
              `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
              for as many steps as the conversion fine-tunes (conversion vs scratch at equal steps)
   nelbo      held-out NELBO of every model on the same masks
+  contract   the stability contract (`python -m fpmgm_hf.stability`) on every fixed-point model
   sweep      `fpmgm-eval sweep`: budgets 24..768, best step count per budget (pilots), reuse none/full/3sr,
              schedules decreasing/fixed, adaptive stopping, >= 128 samples per point, two evaluators
   report     docs/reproduction: results.json, README.md with the claims table (bench/repro_claims.py), plots
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     a("--fp-tol", type=float, default=1e-3, help="tolerance of the adaptive-stopping rows")
     a("--eval-lm", default="gpt2-large", help="the general evaluation LM (offline: the SmolLM2 fallback)")
     a("--seed", type=int, default=0, help="seed of every stage")
-    a("--only", choices=["tokenizer", "train", "post", "nelbo", "sweep", "report"], help="run one stage")
+    a("--only", choices=["tokenizer", "train", "post", "nelbo", "contract", "sweep", "report"],
+      help="run one stage")
     return p.parse_args(argv)
 
 
@@ -135,9 +136,16 @@ def char_lm_cmd(args, out) -> list:
             "--seq-len", args.seq_len, "--max-steps", args.lm_steps, "--seed", args.seed, "--resume"]
 
 
+def lm_done(args, out) -> bool:
+    """final/ appears at the first validation (best so far), so finished means: the last step was logged."""
+    log = out / "char-lm" / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return bool(lines) and json.loads(lines[-1])["step"] >= args.lm_steps
+
+
 def stage_train(args, out):
-    """MDLM and FP-MDLM side by side (same load, so their time per step compares), the evaluator beside them."""
-    jobs = [] if done(out / "char-lm" / "final") else [("char-lm", char_lm_cmd(args, out))]
+    """MDLM and FP-MDLM side by side, one core each (same load, so their time per step compares)."""
+    jobs = []
     if not done(out / "mdlm" / "final"):
         jobs.append(("mdlm", train_cmd(args, out, "mdlm", args.steps, layers=(args.mdlm_layers, 0, 0))))
     if not done(out / "fp" / "final"):
@@ -165,7 +173,8 @@ def conv_cmd(args, out) -> list:
 
 
 def stage_post(args, out):
-    jobs = []
+    """CoFRe and the conversion, the evaluation LM beside them (the sweep needs it, training does not)."""
+    jobs = [] if lm_done(args, out) else [("char-lm", char_lm_cmd(args, out))]
     if not done(out / "cons" / "final"):
         jobs.append(("cons", cons_cmd(args, out, "cons", args.cons_steps, stop=True)))
     if not done(out / "conv"):
@@ -201,6 +210,24 @@ def stage_nelbo(args, out):
     path.write_text(json.dumps(results, indent=1))
 
 
+def stage_contract(args, out):
+    """The stability contract (docs/stability) on every trained fixed-point model, written to OUT/contract/."""
+    from fpmgm_hf.stability import main as contract
+
+    (out / "contract").mkdir(exist_ok=True)
+    for name, (sub, baseline) in MODELS.items():
+        path = out / "contract" / f"{slug(name)}.json"
+        if baseline or path.is_file() or not done(out / sub):
+            continue
+        print(f"[contract] {name}", flush=True)
+        contract([str(out / sub), "--tokenizer", str(out / "tokenizer"), "--seq-len", str(args.seq_len),
+                  "--seed", str(args.seed), "--json", str(path)])
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
 def sweep_jobs(args, out) -> list[tuple[str, list]]:
     """(name, command) of every sweep call: one per model and row family."""
     common = ["--budgets", *args.budgets, "--num-samples", args.samples, "--pilot-samples", args.pilot_samples,
@@ -220,11 +247,10 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
     for call, rows in calls:
         name = call.split("|")[0]
         folder = out / MODELS[name][0]
-        slug = "".join(c if c.isalnum() else "_" for c in call).strip("_")
         if done(folder):
             cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", folder, "--names", name, *rows, *common,
-                   "--out", out / "sweep" / slug]
-            jobs.append((f"sweep:{slug}", cmd))
+                   "--out", out / "sweep" / slug(call)]
+            jobs.append((f"sweep:{slug(call)}", cmd))
     return jobs
 
 
@@ -245,8 +271,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post,
-              "nelbo": stage_nelbo, "sweep": stage_sweep, "report": stage_report}
+    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "nelbo": stage_nelbo,
+              "contract": stage_contract, "sweep": stage_sweep, "report": stage_report}
     t0 = time.time()
     for name, fn in stages.items():
         if args.only in (None, name):

@@ -69,6 +69,12 @@ def test_reproduction_report_fills_the_claims_table_and_the_schema(tmp_path, mon
     (out / "nelbo.json").write_text(json.dumps({"MDLM": {"val_nelbo": 2.0, "params": 100},
                                                 "FP-MDLM": {"val_nelbo": 2.05, "params": 40}}))
     (out / "stages.jsonl").write_text(json.dumps({"stage": "mdlm", "cmd": ["python", "x"], "seconds": 12}) + "\n")
+    (out / "contract").mkdir()
+    profile = {r: {"residual": {"8": 1e-3, "32": g, "64": g}, "growth_per_iter": 1.0} for r, g in
+               (("0.15", 4e-8), ("0.5", 2e-7), ("0.9", 1e-8))}
+    (out / "contract" / "FP_MDLM.json").write_text(json.dumps(
+        {"profile": profile, "generation": {"full": {"finite": True}, "3sr": {"finite": False}},
+         "failures": ["generate(reuse='3sr'): boom"]}))
     docs.mkdir()
     (docs / "findings.md").write_text("## Findings\n\nhand-written\n")
     monkeypatch.setattr(repro_claims, "corpus_entropies",
@@ -85,4 +91,21 @@ def test_reproduction_report_fills_the_claims_table_and_the_schema(tmp_path, mon
     assert claims["3SR better than no reuse (CoFRe 3SR / CoFRe none)"] == "holds"
     assert claims["FP-MDLM's likelihood close to MDLM's (held-out NELBO, relative)"] == "holds"  # +2.5%
     assert "| fewer parameters (FP-MDLM / MDLM) | 0.612 (−38.8%) | 0.400 (40 / 100) | **holds** |" in text
+    assert "| FP-MDLM | 2e-07 | ×1.0000 | ok / non-finite | fails: generate(reuse='3sr'): boom |" in text
     assert text.rstrip().endswith("hand-written") and "| mdlm |  | 12 | `python x` |" in text
+
+
+def test_reproduction_waits_for_the_evaluator_to_finish_not_for_its_first_export(tmp_path):
+    import json
+
+    import reproduce_text
+
+    args = reproduce_text.parse_args(["--lm-steps", "40"])
+    assert not reproduce_text.lm_done(args, tmp_path)
+    (tmp_path / "char-lm" / "final").mkdir(parents=True)  # written at the first validation, mid-training
+    log = tmp_path / "char-lm" / "log.jsonl"
+    log.write_text(json.dumps({"step": 20, "val_loss": 2.0}) + "\n")
+    assert not reproduce_text.lm_done(args, tmp_path)
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 40, "val_loss": 1.9}) + "\n")
+    assert reproduce_text.lm_done(args, tmp_path)

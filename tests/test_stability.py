@@ -264,3 +264,34 @@ def test_residual_penalty_has_finite_gradients_at_an_exact_fixed_point():
     loss, _ = mdlm_nelbo(model, torch.randint(0, MASK, (2, 8)), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_contract_cli_passes_a_contraction_and_fails_an_expanding_map(tmp_path, capsys):
+    import json
+
+    from fpmgm_hf.data import train_char_tokenizer
+    from fpmgm_hf.stability import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("to be or not to be, that is the question.\n" * 200)
+    verdicts = {}
+    for name, injection, gain in (("calm", "constrained", 1.0), ("wild", "concat_mlp", 3.0)):
+        folder = tmp_path / name
+        tok = train_char_tokenizer([text.read_text()], str(folder))
+        torch.manual_seed(0)
+        model = FPMGMForMaskedGeneration(tiny_config(injection=injection, vocab_size=len(tok),
+                                                     mask_token_id=tok.mask_token_id, max_position_embeddings=16))
+        with torch.no_grad():
+            for p in model.model.fp_blocks.parameters():
+                p.mul_(0.1 if name == "calm" else 1.0)  # a small block: a contraction around h_pre
+            if name == "wild":
+                model.model.injection.fc2.weight.mul_(gain)
+        model.save_pretrained(folder)
+        code = main([str(folder), "--data", str(text), "--blocks", "4", "--budget", "24",
+                     "--json", str(tmp_path / f"{name}.json")])
+        verdicts[name] = (code, json.loads((tmp_path / f"{name}.json").read_text()))
+    code, calm = verdicts["calm"]
+    assert code == 0 and calm["failures"] == [] and set(calm["profile"]) == {"0.15", "0.5", "0.9"}
+    code, wild = verdicts["wild"]
+    assert code == 1 and any("growth" in f or "residual" in f for f in wild["failures"])
+    assert "contract FAILS" in capsys.readouterr().out
