@@ -64,7 +64,8 @@ def machine() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", default=None, help="trained FP model folder for the solver benchmark")
-    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "solver"], help="run a subset")
+    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "solver"],
+                   help="run a subset; an existing report keeps the other sections")
     p.add_argument("--out", default="bench/RESULTS.md", help="report path (written atomically)")
     args = p.parse_args(argv)
     trained = args.trained or next((c for c in CANDIDATES if (ROOT / c / "config.json").exists()), None)
@@ -92,11 +93,27 @@ def main(argv=None) -> int:
         if key == "solver" and proc.returncode == 0:
             sections.append("![solver convergence](solver_convergence.png)\n")
     out = ROOT / args.out
+    if args.only and out.is_file():  # a partial run updates its own sections and keeps the others
+        sections = _merge(out.read_text(), sections)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(sections))
     os.replace(tmp, out)
     print(f"[bench] wrote {out}" + (f" ({failed} failed)" if failed else ""))
     return 1 if failed else 0
+
+
+def _merge(previous: str, fresh: list[str]) -> list[str]:
+    """`fresh` (header first, then one string per `## ` section) with the sections of `previous` that it did not
+    rerun kept in their place; the header (date, machine) is the fresh one."""
+    def split(text):
+        return {part.split("\n", 1)[0]: "## " + part for part in text.split("\n## ")[1:]}
+
+    new = split("\n" + "\n".join(fresh[1:]))
+    merged = [fresh[0]]
+    for title, body in split(previous).items():
+        merged.append(new.pop(title, body).rstrip("\n") + "\n")
+    merged += [body.rstrip("\n") + "\n" for body in new.values()]
+    return merged
 
 
 def _fence(text: str) -> str:

@@ -109,3 +109,15 @@ def test_reproduction_waits_for_the_evaluator_to_finish_not_for_its_first_export
     with open(log, "a") as f:
         f.write(json.dumps({"step": 40, "val_loss": 1.9}) + "\n")
     assert reproduce_text.lm_done(args, tmp_path)
+
+
+def test_run_all_subset_keeps_the_sections_it_did_not_rerun(tmp_path):
+    import run_all
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\nold header\n\n## Parameter counts (MDLM-small sizes)\n\nstale\n\n"
+                   "## Training cost, GPT-2 vocabulary (50,258)\n\nkept 0.990\n")
+    assert run_all.main(["--only", "params", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "stale" not in text and "169,627,218" in text and "kept 0.990" in text and "old header" not in text
+    assert text.index("## Parameter counts") < text.index("## Training cost")  # order kept
