@@ -17,6 +17,7 @@ import argparse
 import html
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -299,6 +300,8 @@ def main(argv=None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     if args.threads:
         torch.set_num_threads(args.threads)
+    # SIGTERM (a Space restart, `kill`, the browser test) unwinds like Ctrl-C, so the tiny models' temp folder goes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="fpmgm-app-tiny-") as tiny_dir:
         models = DemoModels.load(model_paths(args, tiny_dir if args.tiny else None), args.trust_remote_code)
         if not models.models:
