@@ -8,8 +8,9 @@ Stages (a finished stage is skipped; training stages resume from their last chec
   tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
   train      MDLM (--mdlm-layers explicit blocks) and FP-MDLM 1/1/1 at the same width, steps and batch, side by
              side (so their time per step is compared under the same load)
-  post       the in-domain evaluator (a GPT-2-style character LM on the same training blocks); the consistency stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the
-             same stage run 3x longer without the stop rule (entropy collapse); the MDLM converted with
+  post       the in-domain evaluator (a GPT-2-style character LM on the same training blocks); the consistency
+             stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the same stage run 3x
+             longer without the stop rule (entropy collapse); the MDLM converted with
              `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
              for as many steps as the conversion fine-tunes (conversion vs scratch at equal steps)
   nelbo      held-out NELBO of every model on the same masks

@@ -39,9 +39,9 @@ def main():
     p.add_argument("--iters", type=int, default=16, help="iterations per step")
     p.add_argument("--out", default="bench/solver_convergence.png", help="plot path")
     args = p.parse_args()
-    from transformers import AutoModel
+    from fpmgm_hf import FPMGMForMaskedGeneration
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).eval()
+    model = FPMGMForMaskedGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
     results = {(s, r): traces(model, s, r, args) for s in ("picard", "anderson") for r in ("none", "full", "3sr")}
     marks = [i for i in (1, 2, 4, 8, 16) if i <= args.iters]
     print("| solver | reuse | " + " | ".join(f"it {i}" for i in marks) + " |")

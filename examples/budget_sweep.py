@@ -14,8 +14,9 @@ use `fpmgm-eval sweep`.
 import argparse
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
+from fpmgm_hf import FPMGMForMaskedGeneration
 from fpmgm_hf.evaluation import generate_samples, score
 from fpmgm_hf.metrics import load_eval_lm
 
@@ -32,8 +33,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every point)")
     args = p.parse_args(argv)
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    model = FPMGMForMaskedGeneration.from_pretrained(args.model).eval()  # the installed code, none from the folder
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     eval_lm, eval_tok, info = load_eval_lm(args.eval_lm)
     reuse_modes = args.reuse if model.config.num_fp_layers else ["none"]
     print(f"evaluation LM: {info['name']} (comparable to published numbers: {info['comparable_to_published']})")

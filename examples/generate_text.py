@@ -6,13 +6,16 @@
     .venv/bin/python examples/generate_text.py --model DIR --max-new-tokens 2048 --block-length 128 --steps 16 --stream
 
 `--budget` and `--steps` apply to each block (see docs/generation.md). Any save_pretrained folder with tokenizer
-files works: it loads through trust_remote_code (the folder also ships `pipeline("text-generation")`).
+files works: it loads with the installed fpmgm_hf code, running nothing from the folder (the folder also
+ships `pipeline("text-generation")` for `trust_remote_code=True` users).
 """
 
 import argparse
 
 import torch
-from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
+from transformers import AutoTokenizer, TextDiffusionStreamer
+
+from fpmgm_hf import FPMGMForMaskedGeneration
 
 
 def build_canvas(tokenizer, prompt: str, suffix: str, gap: int) -> torch.Tensor:
@@ -38,8 +41,8 @@ def main(argv=None):
     p.add_argument("--stream", action="store_true", help="show the drafts while decoding (one sample)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args(argv)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    model = FPMGMForMaskedGeneration.from_pretrained(args.model).eval()  # the installed code, none from the folder
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.suffix:  # infilling: the canvas holds the masks between prompt and suffix
         inputs = dict(input_ids=build_canvas(tokenizer, args.prompt, args.suffix, args.max_new_tokens))
     else:  # continuation: generate appends the masks after the prompt
