@@ -168,7 +168,7 @@ def _collapse_claim(sweep: Sweep, logs: dict) -> dict:
     fire = next((r["step"] for r in long_log if base and r.get("event") != "pre_stage"
                  and r["val_ppl"] > 1.15 * base), None)
     ent = []
-    for b in (sweep.budgets[:1] + sweep.budgets[-1:]):
+    for b in sweep.budgets:
         s, lg = sweep.get(*COFRE, budget=b), sweep.get("FP-MDLM + L_CONS (3x, no stop)", "3sr", budget=b)
         if s and lg:
             ent.append(f"B{b}: {s.entropy:.3f} → {lg.entropy:.3f}")
