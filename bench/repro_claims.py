@@ -175,7 +175,8 @@ def _collapse_claim(sweep: Sweep, logs: dict) -> dict:
     last = long_log[-1] if long_log else {}
     ours = "n/a"
     if base:
-        ours = (f"stop rule would fire at step {fire} (pre-stage val PPL {base:.3f}, last "
+        when = f"would fire at step {fire}" if fire is not None else "never fires"
+        ours = (f"the stop rule {when} (pre-stage val PPL {base:.3f}, last "
                 f"{last.get('val_ppl', math.nan):.3f} at step {last.get('step')}); sample entropy stopped → 3× run: "
                 f"{', '.join(ent) or 'n/a'}")
     dropped = ent and all(float(e.split("→")[1]) < float(e.split(":")[1].split("→")[0]) - 0.02 for e in ent)
@@ -268,10 +269,16 @@ def results_payload(out: Path, points: list[SweepPoint], nelbo: dict, entropies:
 def _train_tokens(out: Path, name: str, args) -> int:
     """Tokens seen in training, the stages before included (e.g. CoFRe = pretraining + consistency)."""
     per_step = args.batch * args.seq_len
-    steps = {"MDLM": args.steps, "FP-MDLM": args.steps, "FP-MDLM + L_CONS": args.steps + args.cons_steps,
-             "FP-MDLM + L_CONS (3x, no stop)": args.steps + 3 * args.cons_steps,
-             "converted": args.steps + args.conv_steps + args.cons_steps,
-             "FP-MDLM, scratch (conversion steps)": args.conv_steps + args.cons_steps}
+
+    def run(sub: str, planned: int) -> int:  # the steps a run actually made (its log), else the planned ones
+        log = _log(out / sub / "log.jsonl")
+        return max((r["step"] for r in log if "step" in r), default=planned)
+
+    pre, mdlm = run("fp", args.steps), run("mdlm", args.steps)
+    steps = {"MDLM": mdlm, "FP-MDLM": pre, "FP-MDLM + L_CONS": pre + run("cons", args.cons_steps),
+             "FP-MDLM + L_CONS (3x, no stop)": pre + run("cons-long", 3 * args.cons_steps),
+             "converted": mdlm + args.conv_steps + args.cons_steps,
+             "FP-MDLM, scratch (conversion steps)": run("fp-short", args.conv_steps + args.cons_steps)}
     return steps.get(name, 0) * per_step
 
 
@@ -295,6 +302,8 @@ def write_report(out: Path, docs: Path | None, args) -> None:
     lm = {}
     for res in sorted((out / "sweep").glob("*/results.json")):
         lm.update(json.loads(res.read_text())["eval_lm"])
+    for info in lm.values():  # no machine paths in a published report
+        info["name"] = str(info["name"]).replace(str(ROOT_DIR) + "/", "")
     _write_readme(docs, out, args, payload, table, markdown_table(points, lm), times)
 
 
