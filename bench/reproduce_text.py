@@ -192,6 +192,7 @@ def stage_post(args, out):
     parallel(jobs, out)
 
 
+SCHED = "FP-MDLM + L_CONS, 4 iterations per step"  # the schedule comparison's rows (a name of their own)
 MODELS = {  # name -> (folder under OUT, baseline)
     "MDLM": ("mdlm/final", True),
     "FP-MDLM": ("fp/final", False),
@@ -199,6 +200,7 @@ MODELS = {  # name -> (folder under OUT, baseline)
     "FP-MDLM + L_CONS (3x, no stop)": ("cons-long/final", False),
     "converted": ("conv", False),
     "FP-MDLM, scratch (conversion steps)": ("fp-short/final", False),
+    SCHED: ("cons/final", False),
 }
 
 
@@ -240,6 +242,7 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
     # The paper's rows at every budget with the step-count pilots; the side questions (schedule, adaptive
     # stopping, collapse, conversion vs scratch) at --side-budgets with the middle step count, to fit the machine.
     side = ["--budgets", *args.side_budgets, "--fp-iters", 2]  # after `common`: argparse keeps the last value
+    sched = ["--budgets", 96, 384, "--fp-iters", 4]
     calls = [
         ("MDLM", ["--reuse", "none"]),
         ("FP-MDLM", ["--reuse", "none"]),
@@ -248,6 +251,9 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
         ("FP-MDLM + L_CONS|full", ["--reuse", "full"]),
         ("converted", ["--reuse", "3sr"]),
         ("FP-MDLM + L_CONS|fixed", ["--reuse", "3sr", "--fp-schedule", "fixed", *side]),
+        # with 1-2 iterations per step the decreasing schedule rounds to the fixed one: compare them at 4
+        (f"{SCHED}|decreasing", ["--reuse", "3sr", "--fp-schedule", "decreasing", *sched]),
+        (f"{SCHED}|fixed", ["--reuse", "3sr", "--fp-schedule", "fixed", *sched]),
         ("FP-MDLM, scratch (conversion steps)", ["--reuse", "3sr", *side]),
         ("FP-MDLM + L_CONS (3x, no stop)", ["--reuse", "3sr", *side]),
         ("FP-MDLM + L_CONS|tol", ["--reuse", "3sr", "--fp-tol", args.fp_tol, *side]),
