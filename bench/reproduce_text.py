@@ -82,12 +82,14 @@ def run(cmd: list[str], out: Path, stage: str, threads: int) -> None:
     print(f"[{stage}] done in {record['seconds']:.0f} s", flush=True)
 
 
-def parallel(jobs: list[tuple[str, list]], out: Path) -> None:
-    """Run the jobs side by side, splitting the cores between them."""
+def parallel(jobs: list[tuple[str, list]], out: Path, workers: int | None = None) -> None:
+    """Run the jobs on `workers` side-by-side slots (default: all at once), splitting the cores between the slots;
+    a free slot takes the next job, so no job waits for a slower neighbour."""
     if not jobs:
         return
-    threads = max(1, (os.cpu_count() or 2) // len(jobs))
-    with ThreadPoolExecutor(len(jobs)) as pool:
+    workers = min(workers or len(jobs), len(jobs))
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    with ThreadPoolExecutor(workers) as pool:
         for fut in [pool.submit(run, cmd, out, name, threads) for name, cmd in jobs]:
             fut.result()
 
@@ -139,11 +141,15 @@ def char_lm_cmd(args, out) -> list:
             "--seq-len", args.seq_len, "--max-steps", args.lm_steps, "--seed", args.seed, "--resume"]
 
 
+def last_step(log: Path, default: int = 0) -> int:
+    """The highest step a run's log.jsonl records (`default` when there is no log or no step)."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return max((r["step"] for r in map(json.loads, lines) if "step" in r), default=default)
+
+
 def lm_done(args, out) -> bool:
     """final/ appears at the first validation (best so far), so finished means: the last step was logged."""
-    log = out / "char-lm" / "log.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return bool(lines) and json.loads(lines[-1])["step"] >= args.lm_steps
+    return last_step(out / "char-lm" / "log.jsonl") >= args.lm_steps
 
 
 def stage_train(args, out):
@@ -192,7 +198,6 @@ def stage_post(args, out):
     parallel(jobs, out)
 
 
-SCHED = "FP-MDLM + L_CONS, 4 iterations per step"  # the schedule comparison's rows (a name of their own)
 MODELS = {  # name -> (folder under OUT, baseline)
     "MDLM": ("mdlm/final", True),
     "FP-MDLM": ("fp/final", False),
@@ -200,8 +205,9 @@ MODELS = {  # name -> (folder under OUT, baseline)
     "FP-MDLM + L_CONS (3x, no stop)": ("cons-long/final", False),
     "converted": ("conv", False),
     "FP-MDLM, scratch (conversion steps)": ("fp-short/final", False),
-    SCHED: ("cons/final", False),
 }
+SCHED = "FP-MDLM + L_CONS, 4 iterations per step"  # sweep rows of the CoFRe model under a name of their own
+ALIASES = {SCHED: "FP-MDLM + L_CONS"}  # sweep-only names -> the trained model they sample
 
 
 def stage_nelbo(args, out):
@@ -261,7 +267,7 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
     jobs = []
     for call, rows in calls:
         name = call.split("|")[0]
-        folder = out / MODELS[name][0]
+        folder = out / MODELS[ALIASES.get(name, name)][0]
         if done(folder):
             cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", folder, "--names", name, *common, *rows,
                    "--out", out / "sweep" / slug(call)]
@@ -270,13 +276,10 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
 
 
 def stage_sweep(args, out):
-    """Every sweep call, two at a time with one thread each, in the order listed (the paper's rows first)."""
+    """Every sweep call, two at a time, in the order listed (the paper's rows first)."""
     jobs = [(name, cmd) for name, cmd in sweep_jobs(args, out)
             if not (out / "sweep" / name.split(":", 1)[1] / "results.json").is_file()]
-    workers = max(1, min(2, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:  # a free worker takes the next call: no pair waits for its slowest
-        for fut in [pool.submit(run, cmd, out, name, 1) for name, cmd in jobs]:
-            fut.result()
+    parallel(jobs, out, workers=2)
 
 
 def stage_report(args, out):
