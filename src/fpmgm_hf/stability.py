@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     import argparse
     import json
 
+    from .assets import atomic_write
     from .data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
     from .modeling_fpmgm import FPMGMForMaskedGeneration
 
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         print(f"generate(reuse={mode!r}, budget={args.budget}): {'finite' if row['finite'] else row['error']}")
     print("contract holds" if not result["failures"] else "contract FAILS:\n  " + "\n  ".join(result["failures"]))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, "w", encoding="utf-8") as f:  # a killed run leaves no half-written file
             json.dump(result, f, indent=1)
     return 0 if not result["failures"] else 1
 
