@@ -1,5 +1,6 @@
 """Wall time of `generate` per transformer-block pass: FP-MDLM (1/1/1) against the explicit stack of the
-same width (12/0/0, the MDLM baseline), at the same budget and number of steps, in the same run.
+same width (12/0/0, the MDLM baseline), at the same budget and number of steps, in the same run. A second,
+identical MDLM is timed in the same rotation: its ratio to the first (A/A) is this run's noise floor.
 
     python bench/generate_speed.py                    # defaults: width 256, length 128, batch 8, budget 96
     python bench/generate_speed.py --hidden 768 --heads 12 --length 256 --budgets 96 192
@@ -18,8 +19,8 @@ import torch
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
 
 
-def build(args, **layers):
-    torch.manual_seed(0)
+def build(args, seed=0, **layers):
+    torch.manual_seed(seed)
     config = FPMGMConfig(
         vocab_size=args.vocab,
         mask_token_id=args.vocab - 1,
@@ -34,11 +35,14 @@ def build(args, **layers):
 
 
 def timed_pair(models, args, repeats, kwargs):
-    """Median seconds of one generate call per model, calls interleaved (A, B, A, B, ...) so that a change
-    in machine load hits both alike; the first round warms up. Returns (times, outputs)."""
+    """Median seconds of one generate call per model, calls interleaved so that a change in machine load hits
+    all alike, and the order rotated each round (A B C, B C A, C A B, ...) because the position in a round
+    alone moves a timing by a few percent here; the first round warms up. Returns (times, outputs)."""
     times, outs = [[] for _ in models], [None] * len(models)
     for r in range(repeats + 1):
-        for i, (model, kw) in enumerate(zip(models, kwargs, strict=True)):
+        for j in range(len(models)):
+            i = (j + r) % len(models)
+            model, kw = models[i], kwargs[i]
             g = torch.Generator().manual_seed(r)
             t0 = time.perf_counter()
             outs[i] = model.generate(
@@ -76,17 +80,21 @@ def main():
         f"width {args.hidden}, length {args.length}, batch {args.batch}, vocab {args.vocab}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    print("| budget | steps | MDLM s | FP-MDLM s | MDLM s/pass | FP s/pass | ratio (FP/MDLM per pass) |")
-    print("|---|---|---|---|---|---|---|")
+    twin = build(args, seed=1, num_pre_layers=12, num_fp_layers=0, num_post_layers=0)
+    print("| budget | steps | MDLM s | FP-MDLM s | MDLM s/pass | FP s/pass | ratio (FP/MDLM per pass) "
+          "| A/A (MDLM twin/MDLM) |")
+    print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         steps = budget // 12
         common = dict(budget=budget, num_steps=steps, sampler="ancestral", use_cache=False)
-        (t_m, t_f), (o_m, o_f) = timed_pair([mdlm, fp], args, args.repeats, [common, dict(common, reuse="3sr")])
-        per_m = t_m / o_m.block_passes.float().mean().item()
-        per_f = t_f / o_f.block_passes.float().mean().item()
+        (t_m, t_f, t_t), (o_m, o_f, o_t) = timed_pair(
+            [mdlm, fp, twin], args, args.repeats, [common, dict(common, reuse="3sr"), common]
+        )
+        per_m, per_f, per_t = (t / o.block_passes.float().mean().item() for t, o in [(t_m, o_m), (t_f, o_f),
+                                                                                      (t_t, o_t)])
         print(
             f"| {budget} | {steps} | {t_m:.3f} | {t_f:.3f} | {per_m * 1e3:.2f} ms | {per_f * 1e3:.2f} ms | "
-            f"{per_f / per_m:.3f} |"
+            f"{per_f / per_m:.3f} | {per_t / per_m:.3f} |"
         )
     if args.no_savings:
         return

@@ -72,9 +72,10 @@ class FPMGMInjection(nn.Module):
         per token and iteration."""
         if self.kind == "none":
             return None
+        if self.kind == "constrained":  # (1 - A) folded into G's rows: one Linear, no extra pass over (B, L, D)
+            scale = 1 - self.decay()  # (D,)
+            return F.linear(h_pre, self.proj.weight * scale[:, None], self.proj.bias * scale)
         injected = self.proj(h_pre)  # (B, L, D)
-        if self.kind == "constrained":
-            return (1 - self.decay()) * injected
         if self.kind == "add":
             return injected
         D = injected.shape[-1]

@@ -234,9 +234,9 @@ class FPMGMGenerationMixin:
     def _denoise(self, canvas, active, labels, t, fp_iters, init, cfg):
         """One network call on a subset of rows; returns (logits, model output). Runs the conditional and
         the null-class branch together when guidance is on."""
-        kwargs = dict(
-            attention_mask=active.long(), fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0, fp_trace=cfg.output_solver_trace
-        )
+        # No mask when nothing is padded: SDPA takes its unmasked kernel and the solver's residual skips masking.
+        mask = None if bool(active.all()) else active.long()  # (B, L)
+        kwargs = dict(attention_mask=mask, fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0, fp_trace=cfg.output_solver_trace)
         timesteps = loglinear_sigma(torch.full((canvas.shape[0],), t, device=canvas.device), cfg.noise_eps)
         guided = cfg.guidance_scale is not None and labels is not None
         if not guided:

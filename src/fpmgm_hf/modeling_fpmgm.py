@@ -401,7 +401,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
             return h_pre, None
         if isinstance(fixed_point_init, WarmStart):
             gamma = fixed_point_init.gamma.to(h_pre.dtype).unsqueeze(-1)  # (B, L, 1)
-            z0 = gamma * fixed_point_init.state.to(h_pre.dtype) + (1 - gamma) * h_pre
+            z0 = torch.lerp(h_pre, fixed_point_init.state.to(h_pre.dtype), gamma)  # gamma*state + (1-gamma)*h_pre
         else:
             if fixed_point_init.shape != h_pre.shape:
                 raise ValueError(

@@ -71,14 +71,18 @@ def residual_norms(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> t
     new, old: `(B, *S, D)`; mask: `(B, *S)` bool or None. Returns two `(B,)` tensors.
     """
     new, old = new.detach(), old.detach()
-    delta = new - old
-    if mask is not None:
-        m = mask.unsqueeze(-1).to(old.dtype)  # (B, *S, 1)
-        delta, old = delta * m, old * m
-    dims = tuple(range(1, old.dim()))
     work = torch.float64 if old.dtype == torch.float64 else torch.float32  # never below fp32
-    return (torch.linalg.vector_norm(delta, dim=dims, dtype=work).float(),
-            torch.linalg.vector_norm(old, dim=dims, dtype=work).float())
+    if mask is None:
+        dims = tuple(range(1, old.dim()))
+        return (torch.linalg.vector_norm(new - old, dim=dims, dtype=work).float(),
+                torch.linalg.vector_norm(old, dim=dims, dtype=work).float())
+    # Norms per position first, masked at (B, *S): no masked copies of the (B, *S, D) states, which are the
+    # solver's largest per-iteration cost besides the map.
+    m = mask.to(work)  # (B, *S)
+    dims = tuple(range(1, m.dim()))
+    diff2 = torch.linalg.vector_norm(new - old, dim=-1, dtype=work).square()  # (B, *S)
+    ref2 = torch.linalg.vector_norm(old, dim=-1, dtype=work).square()
+    return (diff2 * m).sum(dims).sqrt().float(), (ref2 * m).sum(dims).sqrt().float()
 
 
 def relative_residual(new: Tensor, old: Tensor, mask: Optional[Tensor] = None) -> Tensor:
