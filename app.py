@@ -31,9 +31,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from fpmgm_hf import demo_app as engine  # noqa: E402
-from fpmgm_hf import demo_render as render  # noqa: E402
-from fpmgm_hf.demo_app import IMAGE, TEXT, DemoModels, LoadError, SettingsError  # noqa: E402
+from fpmgm_hf.demo import app as engine  # noqa: E402
+from fpmgm_hf.demo import render  # noqa: E402
+from fpmgm_hf.demo.app import IMAGE, TEXT, DemoModels, LoadError, SettingsError  # noqa: E402
 
 LOG = logging.getLogger("fpmgm_app")
 NONE = "(none)"

@@ -22,7 +22,7 @@ from fp_stability import val_nelbo  # noqa: E402
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration  # noqa: E402
 from fpmgm_hf.data import load_texts, pack_blocks, split_blocks, train_char_tokenizer  # noqa: E402
-from fpmgm_hf.objectives import mdlm_nelbo  # noqa: E402
+from fpmgm_hf.training.objectives import mdlm_nelbo  # noqa: E402
 
 SHAPES = {"128x8": (128, 8), "192x6": (192, 6), "256x4": (256, 4), "128x12": (128, 12)}
 

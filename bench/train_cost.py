@@ -49,7 +49,7 @@ def worker(args) -> dict:
     import torch
 
     from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
-    from fpmgm_hf.objectives import mdlm_nelbo
+    from fpmgm_hf.training.objectives import mdlm_nelbo
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from fpmgm_hf import FPMGMForMaskedGeneration
 from fpmgm_hf.evaluation import generate_samples, score
-from fpmgm_hf.metrics import load_eval_lm
+from fpmgm_hf.evaluation.metrics import load_eval_lm
 
 
 def main(argv=None):

@@ -121,7 +121,7 @@ RELOAD = textwrap.dedent(
 
 def samples_section(out: Path, per_point: int = 2) -> list[str]:
     """The first samples of each model's best point at the largest budget, as readable text."""
-    from fpmgm_hf.sweep_report import best_per_budget, load_points
+    from fpmgm_hf.evaluation.sweep_report import best_per_budget, load_points
 
     best = [p for p in best_per_budget(load_points(out / "sweep" / "results.json")) if p.samples_file]
     if not best:

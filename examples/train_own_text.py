@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fpmgm_hf import train
 from fpmgm_hf.data import BUNDLED_CORPORA, load_texts, train_bpe_tokenizer
+from fpmgm_hf.training import train
 
 
 def fit_tokenizer(text: str, vocab_size: int, out: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The Gradio demo (`app.py`, `fpmgm_hf.demo_app`): the page's field checks, streamed runs that end with a full
+"""The Gradio demo (`app.py`, `fpmgm_hf.demo.app`): the page's field checks, streamed runs that end with a full
 canvas and match `generate`, readable failures after which the handlers keep working, and the real page in
 headless Chromium (Debian's chromium + chromium-driver, installed by `scripts/setup.sh`)."""
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpmgm_hf import demo_app as engine
-from fpmgm_hf import demo_render as render
-from fpmgm_hf.demo_app import DemoModels, LoadError, SettingsError
+from fpmgm_hf.demo import app as engine
+from fpmgm_hf.demo import render
+from fpmgm_hf.demo.app import DemoModels, LoadError, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

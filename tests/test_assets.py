@@ -1,4 +1,4 @@
-"""Tests for fpmgm_hf.assets.
+"""Tests for fpmgm_hf.data.assets.
 
 Fast tests use synthetic files only. ``test_gpt2_tokenizer_*`` needs one small PyPI download (openai-whisper
 sdist, 0.8 MB) into the normal asset cache; the other downloads are ``slow`` (RUN_SLOW=1).
@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from fpmgm_hf import assets
+from fpmgm_hf.data import assets
 
 # --------------------------------------------------------------------------------------------- fast tests
 
@@ -153,7 +153,7 @@ def test_gpt2_tokenizer_matches_gpt2(gpt2_tok):
 
 def test_gpt2_fallback_is_logged(gpt2_tok, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with caplog.at_level(logging.WARNING, logger="fpmgm_hf.assets"):
+    with caplog.at_level(logging.WARNING, logger="fpmgm_hf.data.assets"):
         tok = assets.load_tokenizer("gpt2", add_mask_token=False)
     assert any("falling back to the PyPI-shipped GPT-2 BPE" in r.getMessage() for r in caplog.records)
     assert tok.mask_token is None and len(tok) == 50257

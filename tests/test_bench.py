@@ -25,7 +25,7 @@ def test_run_all_writes_the_report_and_flags_failures(tmp_path):
 def _point(model, reuse, budget, nll, schedule="decreasing", evaluator="char-lm", **kw):
     import math
 
-    from fpmgm_hf.sweep_report import SweepPoint
+    from fpmgm_hf.evaluation.sweep_report import SweepPoint
 
     gen = math.exp(sum(nll) / len(nll))
     return SweepPoint(model, reuse, schedule, budget, budget // 4, gen, gen, 3.0, float(budget), 1.0, "",

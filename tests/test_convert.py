@@ -78,7 +78,7 @@ def test_crashed_conversion_resumes_exactly(assets, tmp_path):
     assert sorted(ref) == [1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path / "full.work" / "distill" / "checkpoints")) == ["step_2", "step_4"]
 
-    from fpmgm_hf.train import Trainer
+    from fpmgm_hf.training.train import Trainer
 
     real_step = Trainer.train_step
 
@@ -174,8 +174,8 @@ def test_lora_trains_adapters_and_merges(assets, tmp_path):
     assert report["finetune"]["lora_alpha"] == 4
 
     from fpmgm_hf import FPMGMForMaskedGeneration
-    from fpmgm_hf.layer_mapping import map_layers
-    from fpmgm_hf.mdlm_import import load_mdlm_checkpoint
+    from fpmgm_hf.conversion.layer_mapping import map_layers
+    from fpmgm_hf.conversion.mdlm_import import load_mdlm_checkpoint
 
     merged = FPMGMForMaskedGeneration.from_pretrained(str(out))
     before = map_layers(load_mdlm_checkpoint(str(assets["mdlm"])), "1,2,3", 1, 1, 1, seed=0).state_dict()

@@ -13,7 +13,7 @@ import torch
 from conftest import randomize_
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration, VQVAEConfig, VQVAEModel
-from fpmgm_hf.image_train import _strip_modality, load_image_model, load_token_grids, main, pack, unpack
+from fpmgm_hf.images.train import _strip_modality, load_image_model, load_token_grids, main, pack, unpack
 
 K, GRID, NUM_CLASSES = 16, (7, 7), 10  # codebook, token grid, classes
 TINY = dict(hidden_size=32, num_attention_heads=4, cond_dim=16, dropout=0.0, num_pre_layers=1, num_fp_layers=1,
@@ -289,7 +289,7 @@ def test_exact_resume(assets, tmp_path):
 
 
 def test_the_shared_entry_point_dispatches_image_training(assets, tmp_path):
-    from fpmgm_hf.train import main as train_main
+    from fpmgm_hf.training.train import main as train_main
 
     reset_accelerate()
     out = tmp_path / "via_train"

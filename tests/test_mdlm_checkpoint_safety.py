@@ -30,7 +30,7 @@ from test_mdlm_import import (  # noqa: F401 - _one_thread is an autouse fixture
     write_lightning_ckpt,
 )
 
-from fpmgm_hf.mdlm_import import MDLMCheckpointError, load_mdlm_checkpoint
+from fpmgm_hf.conversion.mdlm_import import MDLMCheckpointError, load_mdlm_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from remote_helpers import run_isolated
 from safetensors.torch import save_file
 
-from fpmgm_hf.layer_mapping import linear_cka_matrix, map_layers, pick_mapping_from_cka, save_cka_png
-from fpmgm_hf.mdlm_import import (
+from fpmgm_hf.conversion.layer_mapping import linear_cka_matrix, map_layers, pick_mapping_from_cka, save_cka_png
+from fpmgm_hf.conversion.mdlm_import import (
     MDLMCheckpointError,
     convert_mdlm_state_dict,
     load_mdlm_checkpoint,
@@ -464,7 +464,7 @@ def test_convert_rejects_vocab_mismatch_and_bad_map(ckpts, tmp_path):
 
 
 def test_distill_loss_kl_and_gradients(teacher):
-    from fpmgm_hf.distill import distill_loss, kl_weight_at, tempered_subs_kl
+    from fpmgm_hf.conversion.distill import distill_loss, kl_weight_at, tempered_subs_kl
 
     x0 = _ids(6, batch=4, length=16).clamp_max(VOCAB - 2)
     logits = torch.randn(4, 16, VOCAB)
@@ -482,7 +482,7 @@ def test_distill_loss_kl_and_gradients(teacher):
     assert kl_weight_at(0) == 0.0 and kl_weight_at(2500) == pytest.approx(0.05) and kl_weight_at(10**6) == 0.1
 
     # the row-selected loss equals the dense (B, L) formulas (eval mode: a deterministic student)
-    from fpmgm_hf.distill import _nll_per_token, nested_masks
+    from fpmgm_hf.conversion.distill import _nll_per_token, nested_masks
 
     student = map_layers(teacher, "1,3,3").eval()
     _, aux = distill_loss(student, teacher, x0, generator=torch.Generator().manual_seed(1), kl_weight=0.1)

@@ -1,4 +1,4 @@
-"""Tests for fpmgm_hf.metrics and the evaluate modules under metrics/.
+"""Tests for fpmgm_hf.evaluation.metrics and the shipped evaluate modules (metrics/ links to them).
 
 Fast tests use tiny stand-ins (a random 2-layer GPT-2, a pooling "extractor"). The real SmolLM2 eval LM
 and the Inception network run only in the slow tests (RUN_SLOW=1).
@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fpmgm_hf import metrics as M
+from fpmgm_hf.evaluation import evaluate_module
+from fpmgm_hf.evaluation import metrics as M
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS_DIR = REPO / "metrics"
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -32,7 +32,7 @@ SENTENCES = [
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def gpt2_tok():
-    from fpmgm_hf.assets import load_tokenizer
+    from fpmgm_hf.data.assets import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -299,7 +299,7 @@ def test_inception_input_handling():
 # ------------------------------------------------------------------------------ evaluate modules
 def test_evaluate_unigram_entropy_module():
     evaluate = pytest.importorskip("evaluate")
-    metric = evaluate.load(str(METRICS_DIR / "unigram_entropy"))
+    metric = evaluate.load(evaluate_module("unigram_entropy"))
     preds = [[1, 1, 2, 2, 0], [3, 4, 5], [6, 6, 6, 0, 0]]
     out = metric.compute(predictions=preds, ignore_ids=[0])
     expected = M.unigram_entropy(preds, ignore_ids=[0])
@@ -309,7 +309,7 @@ def test_evaluate_unigram_entropy_module():
 
 def test_evaluate_generative_perplexity_module(tiny_lm, gpt2_tok):
     evaluate = pytest.importorskip("evaluate")
-    metric = evaluate.load(str(METRICS_DIR / "generative_perplexity"))
+    metric = evaluate.load(evaluate_module("generative_perplexity"))
     out = metric.compute(predictions=SENTENCES, model=tiny_lm, tokenizer=gpt2_tok, batch_size=2)
     ref = M.generative_perplexity(SENTENCES, tiny_lm, gpt2_tok)
     assert out["gen_ppl"] == pytest.approx(ref["gen_ppl"], rel=1e-6)
@@ -319,7 +319,7 @@ def test_evaluate_generative_perplexity_module(tiny_lm, gpt2_tok):
 
 def test_evaluate_fid_module():
     evaluate = pytest.importorskip("evaluate")
-    metric = evaluate.load(str(METRICS_DIR / "fid"))
+    metric = evaluate.load(evaluate_module("fid"))
     a, b = image_sets(20)
     ext = PoolExtractor()
     out = metric.compute(predictions=a, references=b, extractor=ext)
@@ -343,7 +343,7 @@ FLUENT = [
 @pytest.mark.slow
 def test_real_eval_lm_fluent_beats_shuffled(monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never download gpt2-large in a test: exercise the fallback
-    with caplog.at_level(logging.WARNING, logger="fpmgm_hf.metrics"):
+    with caplog.at_level(logging.WARNING, logger="fpmgm_hf.evaluation.metrics"):
         model, tok, info = M.load_eval_lm()
     assert info["fallback"] is True and info["comparable_to_published"] is False
     assert "NOT comparable" in caplog.text
@@ -360,7 +360,7 @@ def test_real_eval_lm_fluent_beats_shuffled(monkeypatch, caplog):
 
 @pytest.mark.slow
 def test_real_inception_fid_mnist_vs_fashion():
-    from fpmgm_hf.assets import load_image_dataset
+    from fpmgm_hf.data.assets import load_image_dataset
 
     n = 64
     mnist_train = load_image_dataset("mnist", "train")[0][:n]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
-from fpmgm_hf.objectives import (
+from fpmgm_hf.scheduling_fpmgm import loglinear_sigma
+from fpmgm_hf.training.objectives import (
     consistency_loss,
     consistency_weight_at,
     maskgit_loss,
@@ -14,7 +15,6 @@ from fpmgm_hf.objectives import (
     nested_masks,
     sample_times,
 )
-from fpmgm_hf.scheduling_fpmgm import loglinear_sigma
 
 V, MASK, EPS = 64, 63, 1e-3
 

@@ -12,7 +12,7 @@ from test_images import NUM_CLASSES, K
 from test_images import tiny_model as tiny_image_model
 
 from fpmgm_hf import VQVAEConfig, VQVAEModel
-from fpmgm_hf.image_train import set_image_generation_defaults
+from fpmgm_hf.images.train import set_image_generation_defaults
 from fpmgm_hf.pipeline_fpmgm import FPMGMImagePipeline, FPMGMTextGenerationPipeline
 
 

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_STEPS = """
 import time
 try:
-    import fpmgm_hf.train as _t
+    import fpmgm_hf.training.train as _t
     _step = _t.Trainer.train_step
     def _slow(self):
         time.sleep(0.25)
@@ -145,7 +145,7 @@ def test_truncated_model_safetensors_names_the_file(tmp_path, cut):
 
 
 def test_corrupt_training_checkpoint_is_reported_on_resume(tmp_path):
-    from fpmgm_hf import train
+    from fpmgm_hf.training import train
 
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat and the dog ran far away .\n" * 200)
@@ -252,7 +252,7 @@ def mdlm_files(tmp_path_factory):
 
 
 def _mdlm_outcome(root: Path, example) -> tuple[bool, str]:
-    from fpmgm_hf.mdlm_import import MDLMCheckpointError, load_mdlm_checkpoint
+    from fpmgm_hf.conversion.mdlm_import import MDLMCheckpointError, load_mdlm_checkpoint
 
     name, (kind, where, bit, data) = example
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,10 +17,10 @@ import pytest
 from reliability_table import expect_error, record
 from test_train import assets, base_args, read_log, run  # noqa: F401 - `assets` is a fixture
 
-from fpmgm_hf.runlock import LOCK_NAME, OutputLockedError, run_lock
+from fpmgm_hf.training.runlock import LOCK_NAME, OutputLockedError, run_lock
 
 AREA = "locks"
-SRC = Path(__file__).resolve().parents[1] / "src" / "fpmgm_hf" / "runlock.py"
+SRC = Path(__file__).resolve().parents[1] / "src" / "fpmgm_hf" / "training" / "runlock.py"
 # Loads runlock.py by path (no torch / transformers import: starts in a fraction of a second), takes the lock,
 # says so, and sleeps until killed.
 HOLDER = """

@@ -9,10 +9,10 @@ import torch
 from conftest import MASK, VOCAB, tiny_config, tiny_model
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration, WarmStart
-from fpmgm_hf.layer_mapping import map_layers
-from fpmgm_hf.objectives import mdlm_nelbo
+from fpmgm_hf.conversion.layer_mapping import map_layers
+from fpmgm_hf.evaluation.stability import check_contract, generation_check, solver_profile
 from fpmgm_hf.solver_fpmgm import anderson, picard
-from fpmgm_hf.stability import check_contract, generation_check, solver_profile
+from fpmgm_hf.training.objectives import mdlm_nelbo
 
 
 def bigram_chain(n, length, seed=0):

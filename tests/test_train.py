@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config
 
 from fpmgm_hf import FPMGMForMaskedGeneration
-from fpmgm_hf.train import Trainer, check_resume, main
+from fpmgm_hf.training.train import Trainer, check_resume, main
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wild owls hoot".split()
 TINY = dict(hidden_size=32, num_attention_heads=4, cond_dim=16, dropout=0.0, max_position_embeddings=64,
@@ -226,8 +226,8 @@ def test_two_processes_follow_the_single_process_curve(assets, tmp_path):
 @pytest.mark.slow
 def test_training_on_shakespeare_lowers_validation_nelbo(tmp_path):
     """A tiny FP-MDLM on Shakespeare (char-level tokenizer) for a few hundred steps."""
-    pytest.importorskip("fpmgm_hf.assets")
-    from fpmgm_hf.assets import load_text_corpus
+    pytest.importorskip("fpmgm_hf.data.assets")
+    from fpmgm_hf.data.assets import load_text_corpus
 
     chars = set().union(*map(set, load_text_corpus("shakespeare")))
     tok = make_char_tokenizer(str(tmp_path / "tok"), "".join(sorted(chars)))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from remote_helpers import run_isolated
 
-from fpmgm_hf.assets import load_image_dataset
-from fpmgm_hf.vq import VQVAEConfig, VQVAEModel, evaluate_reconstruction, main, train_vqvae
+from fpmgm_hf.data.assets import load_image_dataset
+from fpmgm_hf.images.vq import VQVAEConfig, VQVAEModel, evaluate_reconstruction, main, train_vqvae
 
 TINY = dict(hidden_channels=8, codebook_size=32, code_dim=4)
 
@@ -227,8 +227,8 @@ def test_cli_train_then_encode(tmp_path, capsys):
 
 
 def test_reconstruction_fid_uses_reconstructions_and_reports_the_floor(monkeypatch):
-    import fpmgm_hf.metrics as metrics
-    from fpmgm_hf.vq import reconstruction_fid
+    import fpmgm_hf.evaluation.metrics as metrics
+    from fpmgm_hf.images.vq import reconstruction_fid
 
     class PooledPixels:  # stands in for the Inception net (a slow, asset-backed test covers that net)
         def __init__(self, batch_size):

@@ -1,13 +1,13 @@
 """Generative perplexity of generated text under a causal eval LM (FP-MGM paper Eq. 4), as an `evaluate` metric.
 
 Load by path, offline: ``evaluate.load("metrics/generative_perplexity")``. Thin wrapper of
-``fpmgm_hf.metrics.generative_perplexity`` / ``load_eval_lm``.
+``fpmgm_hf.evaluation.metrics.generative_perplexity`` / ``load_eval_lm``.
 """
 
 import datasets
 import evaluate
 
-from fpmgm_hf.metrics import _is_gpt2_large, generative_perplexity, load_eval_lm
+from fpmgm_hf.evaluation.metrics import _is_gpt2_large, generative_perplexity, load_eval_lm
 
 _DESCRIPTION = """
 Generative perplexity: decoded samples are re-tokenised for a causal eval LM (gpt2-large in the paper
@@ -24,7 +24,7 @@ Args:
     predictions (list of str): decoded generated samples.
     model_id (str): eval LM to load when `model` is not given (default "gpt2-large"; offline fallback).
     model, tokenizer (optional): an already loaded causal LM and its tokenizer (e.g. from
-        `fpmgm_hf.metrics.load_eval_lm`); loaded models are cached on the metric instance.
+        `fpmgm_hf.evaluation.metrics.load_eval_lm`); loaded models are cached on the metric instance.
     eval_info (dict, optional): the `info` from `load_eval_lm` for an injected model.
     batch_size (int): default 8. max_length (int): context window, default 1024.
     add_bos (bool or None): prepend the eval tokenizer's BOS so the first token is scored (None: if it has one).

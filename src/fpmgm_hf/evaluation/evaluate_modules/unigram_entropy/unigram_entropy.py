@@ -1,7 +1,7 @@
 """Unigram entropy of generated token sequences (FP-MGM paper Eq. 5), as an `evaluate` metric.
 
 Load by path, offline: ``evaluate.load("metrics/unigram_entropy")``. Thin wrapper of
-``fpmgm_hf.metrics.unigram_entropy``.
+``fpmgm_hf.evaluation.metrics.unigram_entropy``.
 """
 
 import math
@@ -9,7 +9,7 @@ import math
 import datasets
 import evaluate
 
-from fpmgm_hf.metrics import unigram_entropy
+from fpmgm_hf.evaluation.metrics import unigram_entropy
 
 _DESCRIPTION = """
 Per-sample entropy (nats) of the empirical token distribution of each generated sequence,

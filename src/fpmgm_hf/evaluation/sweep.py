@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .scheduling_fpmgm import FP_SCHEDULES
+from ..scheduling_fpmgm import FP_SCHEDULES
 from .sweep_report import (  # noqa: F401  (re-exported: the public names of the sweep)
     SweepPoint,
     best_per_budget,
@@ -56,7 +56,7 @@ def _load(model_dir: str, device, trust_remote_code: bool = False):
     class is fpmgm_hf's own (registered with AutoModel) and a tokenizer needing its own code is refused."""
     from transformers import AutoModel
 
-    from .data import auto_tokenizer
+    from ..data import auto_tokenizer
 
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
     return model.to(device).eval(), auto_tokenizer(model_dir, trust_remote_code)

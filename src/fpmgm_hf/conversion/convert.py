@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Convert a pretrained MDLM into an FP-MDLM (arXiv 2605.31215, §3.4) and save a Hub-ready folder.
+
+    accelerate launch conversion/convert.py --mdlm kuleshov-group/mdlm-owt --map 1,6,12 --data openwebtext \\
+        --steps 40000 --output outputs/fp-mdlm-owt
+    python conversion/convert.py --mdlm path/to/mdlm.ckpt --map auto --dry-run --output outputs/fp-mdlm
+
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 conversion/convert.py ...   # 2 CPU processes
+
+Steps: import the MDLM checkpoint (EMA weights by default) -> choose layers (`--map`, or `auto` from the
+layer CKA) -> build the FP-MDLM -> verify (teacher vs converted validation NELBO on a small batch, one
+decoded sample) -> optionally fine-tune against the frozen MDLM (`fpmgm_hf.distill.finetune`, i.e. the
+`fpmgm_hf.train.Trainer` loop: checkpoints in `--work-dir`, `--resume latest`, JSONL log, validation, early
+stop; optional consistency term / stage and LoRA) -> save with `save_pretrained` (code files + auto_map,
+generation_config.json) plus the tokenizer, a README.md model card and a `conversion.json` report -> optionally
+push the folder to the Hub. Only the main process writes, into `OUTPUT.tmp-*` (with a `checksums.json`
+manifest), renamed into place at the end; it holds `OUTPUT.lock` for the whole run, so a second conversion to
+the same output is refused. A Lightning `.ckpt` is read without running code from it (`--trust-pickle` to
+override, unsafe), and a `--tokenizer` folder's own code only runs with `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+VERIFY_TEXT = (
+    "The cat sat on the mat and the dog ran far away. It was a very good day for all of us, and we "
+    "went home to see the sun go down. Then she said that the city had changed since the war, but the "
+    "people were still kind, and the market near the river sold fresh bread every morning. "
+)
+CKA_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mdlm", required=True,
+                   help="MDLM checkpoint: Hub repo id (e.g. kuleshov-group/mdlm-owt), a folder with config.json + "
+                        "model.safetensors, a single .safetensors file, or a Lightning .ckpt")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="UNSAFE: read a Lightning .ckpt with full unpickling, which runs any code the file contains "
+                        "(default: tensors, plain containers and Lightning's config / tokenizer objects only; "
+                        "anything else is refused by name)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="for a Lightning .ckpt: use the EMA weights ckpt['ema']['shadow_params'] (--no-ema: "
+                        "ckpt['state_dict']); Hub weights are a single set")
+    p.add_argument("--map", default="1,6,12",
+                   help="1-based MDLM layers for the pre, shared fixed-point and post blocks, in order "
+                        "(num_pre + num_fp + num_post ids), or 'auto' to choose them from the layer CKA")
+    p.add_argument("--layers", default="1/1/1", help="block counts num_pre/num_fp/num_post of the FP-MDLM")
+    p.add_argument("--injection", default="constrained", choices=["constrained", "concat_mlp", "add", "none"],
+                   help="input injection of the shared block: 'constrained' (default; a contraction in the state, "
+                        "exact identity at one iteration) or the paper's 'concat_mlp' (close to the identity)")
+    p.add_argument("--fp-max-iter", type=int, default=None,
+                   help="solver iterations per forward of the saved model (default: the config default)")
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="import + map + verify + save, without fine-tuning")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="tokenizer name or local folder; its length (mask token included) must equal the "
+                        "checkpoint's vocab size")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="UNSAFE: let a --tokenizer folder run its own Python code (an auto_map entry)")
+    p.add_argument("--data", default=None,
+                   help="text for verification and fine-tuning: a Hub dataset name (streamed, 'train' split, "
+                        "e.g. openwebtext), comma-separated local .txt/.jsonl files, or a bundled corpus "
+                        "(shakespeare, kjv); default: a built-in paragraph for verification only")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON/Hub records")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="training / verification block length (default: the model's max_position_embeddings)")
+    p.add_argument("--verify-batch", type=int, default=4, help="blocks in the verification batch")
+    p.add_argument("--verify-length", type=int, default=None,
+                   help="block length of the verification batch (default: --seq-len)")
+    p.add_argument("--verify-repeats", type=int, default=2, help="mask draws averaged by the verification NELBO")
+    p.add_argument("--sample-length", type=int, default=64, help="length of the decoded verification sample")
+    p.add_argument("--sample-steps", type=int, default=32, help="denoising steps of the verification sample")
+    p.add_argument("--steps", type=int, default=40000, help="fine-tuning optimizer steps (paper: 40k)")
+    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning micro-batch size per process")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="gradient-accumulation steps (default: accelerate's setting, else 1); the global batch is "
+                        "batch-size x grad-accum x processes")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--kl-weight", type=float, default=0.1, help="lambda, the weight of the tempered KL term")
+    p.add_argument("--kl-warmup", type=int, default=5000, help="steps over which lambda rises linearly from 0")
+    p.add_argument("--tau", type=float, default=1.5, help="distillation temperature")
+    p.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.30), metavar=("LO", "HI"),
+                   help="range of the noise-level gap t_s - t_c between student and teacher")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="print the training record every N steps (every step goes to WORK_DIR/<stage>/log.jsonl)")
+    p.add_argument("--val-blocks", type=int, default=8,
+                   help="first --data blocks held out for the validation NELBO/PPL of --eval-every (together "
+                        "with the verification blocks, never trained on)")
+    p.add_argument("--max-train-blocks", type=int, default=None,
+                   help="cap on the training blocks read from --data (they are held in memory as one tensor)")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N optimizer steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per process per evaluation")
+    p.add_argument("--save-every", type=int, default=1000,
+                   help="save a resumable checkpoint (accelerator.save_state) every N steps and at the end of a stage "
+                        "(0 = never)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder of the logs and checkpoints (default: OUTPUT.work next to --output)")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (newest checkpoint in --work-dir; starts from scratch when there is none) or a "
+                        "checkpoint folder WORK_DIR/<stage>/checkpoints/step_N: continue an interrupted conversion")
+    p.add_argument("--consistency-weight", type=float, default=0.0,
+                   help="target lambda of the CoFRe hidden-state consistency loss (0 = off); the output is set up "
+                        "for 3SR reuse")
+    p.add_argument("--consistency-warmup", type=int, default=5000, help="steps of the linear lambda ramp 0 -> target")
+    p.add_argument("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), metavar=("LO", "HI"),
+                   help="range of the teacher time gap of the consistency loss")
+    p.add_argument("--consistency-steps", type=int, default=0,
+                   help="0: add the consistency term to the distillation loss; N > 0: a following consistency "
+                        "stage of N steps (fpmgm_hf.train's CoFRe loss) after the --steps distillation steps")
+    p.add_argument("--stop-ppl-rise", type=float, default=0.15,
+                   help="with consistency: stop at the first eval whose val PPL exceeds the pre-stage value by this "
+                        "fraction")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank on the blocks' Linear layers (+ the full injection) "
+                        "instead of all weights; merged before saving (needs peft)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x --lora-r)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the finished output folder to this Hub repo (main process, after the save)")
+    p.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    p.add_argument("--revision", default=None, help="branch of the --push-to-hub repo (created if missing)")
+    p.add_argument("--cka-batch", type=int, default=4, help="blocks used by --map auto to compute the layer CKA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the injection init, masks and sampling")
+    return p
+
+
+def _say(state, msg: str) -> None:
+    if state.is_main_process:
+        print(msg, flush=True)
+
+
+def parse_layers(spec: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in spec.split("/"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or parts[1] < 1:
+        raise ValueError(f"--layers expects num_pre/num_fp/num_post with num_fp >= 1 (e.g. 1/1/1), got {spec!r}.")
+    return parts  # type: ignore[return-value]
+
+
+def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int, trust_remote_code: bool = False):
+    """A local folder loads with AutoTokenizer (its own code only with `trust_remote_code`); a name goes through
+    `fpmgm_hf.data.assets.load_tokenizer` (offline fallback, [MASK] appended). Then the vocab must match."""
+    from ..data import auto_tokenizer
+    from ..data.assets import load_tokenizer as shared
+
+    if os.path.isdir(name_or_path):
+        tok = auto_tokenizer(name_or_path, trust_remote_code)
+    else:
+        tok = shared(name_or_path=name_or_path, offline_fallback=True, add_mask_token=True)
+    if tok.mask_token_id is None and len(tok) == vocab_size - 1:
+        tok.add_special_tokens({"mask_token": "[MASK]"})
+    if len(tok) != vocab_size:
+        raise ValueError(
+            f"tokenizer/checkpoint vocab mismatch: tokenizer {name_or_path!r} has {len(tok)} tokens (mask included) "
+            f"but the checkpoint's vocab_size is {vocab_size}."
+        )
+    if tok.mask_token_id is not None and tok.mask_token_id != mask_token_id:
+        raise ValueError(
+            f"tokenizer/checkpoint vocab mismatch: the tokenizer's mask token id is {tok.mask_token_id} but the "
+            f"checkpoint's mask_token_id is {mask_token_id}."
+        )
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _texts(spec: str, text_field: str):
+    """An iterator over documents: bundled corpus, local files, or a streamed Hub dataset."""
+    if spec in ("shakespeare", "kjv"):
+        from ..data import load_texts
+
+        yield from load_texts(spec, text_field=text_field)
+        return
+    files = [f.strip() for f in spec.split(",") if f.strip()]
+    if all(os.path.isfile(f) for f in files):
+        for name in files:  # local files are read directly (no `datasets` import)
+            with open(name, encoding="utf-8") as fh:
+                if name.endswith((".json", ".jsonl")):
+                    for line in fh:
+                        if line.strip():
+                            yield json.loads(line)[text_field]
+                else:
+                    yield from (doc for doc in fh.read().split("\n\n") if doc.strip())
+        return
+    import datasets
+
+    for record in datasets.load_dataset(spec, split="train", streaming=True):
+        yield record[text_field]
+
+
+def token_blocks(texts, tokenizer, seq_len: int):
+    """Wrap documents into blocks of `seq_len` tokens as MDLM does: each document + EOS, concatenated, and
+    cut into `[BOS] + (seq_len - 2) tokens + [EOS]` (plain `seq_len` cuts without BOS/EOS tokens)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    wrap = bos is not None and eos is not None and seq_len > 2
+    body = seq_len - 2 if wrap else seq_len
+    buf: list[int] = []
+    for text in texts:
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buf.append(eos)
+        while len(buf) >= body:
+            chunk, buf = buf[:body], buf[body:]
+            yield torch.tensor(([bos] + chunk + [eos]) if wrap else chunk, dtype=torch.long)
+
+
+def verification_batch(args, tokenizer, seq_len: int) -> torch.Tensor:
+    """`(verify_batch, length)` clean tokens: with --data its first blocks (never trained on), else the
+    built-in paragraph repeated."""
+    length = args.verify_length or seq_len
+    if args.data:
+        blocks = token_blocks(_texts(args.data, args.text_field), tokenizer, length)
+        rows = list(itertools.islice(blocks, args.verify_batch))
+        if len(rows) < args.verify_batch:
+            raise ValueError(f"--data {args.data!r} is too small for {args.verify_batch} blocks of {length} tokens.")
+        return torch.stack(rows)
+    ids = tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"]
+    reps = -(-length * args.verify_batch // max(len(ids), 1))
+    flat = torch.tensor((ids * reps)[: length * args.verify_batch], dtype=torch.long)
+    return flat.view(args.verify_batch, length)
+
+
+def split_data(args, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(train, val)` blocks of `seq_len` tokens from --data, in memory (the Trainer's deterministic sampler
+    draws batches by index, which makes `--resume` exact). The first max(--val-blocks, verification blocks)
+    blocks are held out; validation is the first --val-blocks of them."""
+    held = max(args.val_blocks, args.verify_batch if (args.verify_length or seq_len) == seq_len else 0)
+    limit = None if args.max_train_blocks is None else held + args.max_train_blocks
+    rows = list(itertools.islice(token_blocks(_texts(args.data, args.text_field), tokenizer, seq_len), limit))
+    if len(rows) <= held:
+        raise ValueError(f"--data {args.data!r} yields {len(rows)} blocks of {seq_len} tokens, not more than the "
+                         f"{held} held out for validation.")
+    blocks = torch.stack(rows)
+    return blocks[held:], blocks[: args.val_blocks]
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+def cka_mapping(teacher, x0, num_pre, num_fp, num_post, seed):
+    """Average layer CKA over masked copies of x0 at t in CKA_TIMES, then the mapping rule."""
+    from .layer_mapping import linear_cka_matrix, pick_mapping_from_cka
+
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for t in CKA_TIMES:
+        masked = torch.rand(x0.shape, generator=g) < t
+        z = torch.where(masked, torch.full_like(x0, teacher.config.mask_token_id), x0)
+        mats.append(linear_cka_matrix(teacher, z.to(teacher.device)))
+    cka = torch.stack(mats).mean(0)
+    return cka, pick_mapping_from_cka(cka, num_pre, num_fp, num_post)
+
+
+def verify(state, teacher, student, x0, tokenizer, args) -> dict:
+    from .distill import masked_nelbo
+
+    x0 = x0.to(student.device)
+    report = {
+        "teacher_nelbo": masked_nelbo(teacher, x0, seed=args.seed, repeats=args.verify_repeats),
+        "converted_nelbo_1iter": masked_nelbo(student, x0, seed=args.seed, repeats=args.verify_repeats, fp_iters=1),
+        "converted_nelbo": masked_nelbo(student, x0, seed=args.seed, repeats=args.verify_repeats),
+    }
+    _say(state, f"[verify] validation NELBO (nats/token, {tuple(x0.shape)} tokens): teacher "
+                f"{report['teacher_nelbo']:.4f} | converted @1 iter {report['converted_nelbo_1iter']:.4f} | "
+                f"converted @{student.config.fp_max_iter} iters {report['converted_nelbo']:.4f}")
+    try:
+        g = torch.Generator(device=student.device).manual_seed(args.seed)  # the sampler draws on the model's device
+        with torch.no_grad():
+            length = min(args.sample_length, student.config.max_position_embeddings)
+            sample = student.generate(batch_size=1, seq_len=length, num_steps=args.sample_steps, generator=g)
+        report["sample"] = tokenizer.decode(sample[0].tolist())
+        _say(state, f"[verify] sample: {report['sample']!r}")
+    except Exception as err:  # noqa: BLE001 - a sampling failure must not hide the conversion result
+        report["sample_error"] = f"{type(err).__name__}: {err}"
+        _say(state, f"[verify] WARNING: sampling failed: {report['sample_error']}")
+    return report
+
+
+def base_model_name(source: str) -> str:
+    """The card's `base_model`: a Hub repo id as given, else the checkpoint's file / folder name."""
+    if os.path.exists(source):
+        path = Path(source)
+        return path.stem if path.is_file() else path.resolve().name
+    return source
+
+
+def results_table(report: dict) -> str:
+    """Markdown table of the verification NELBO / PPL (teacher vs converted, before / after fine-tuning)."""
+    import math
+
+    rows = [("MDLM teacher", report["verify_before"]["teacher_nelbo"]),
+            ("converted, 1 iteration, before fine-tuning", report["verify_before"]["converted_nelbo_1iter"]),
+            ("converted, before fine-tuning", report["verify_before"]["converted_nelbo"])]
+    if "verify_after" in report:
+        rows += [("converted, 1 iteration, after fine-tuning", report["verify_after"]["converted_nelbo_1iter"]),
+                 ("converted, after fine-tuning", report["verify_after"]["converted_nelbo"])]
+    shape = report.get("verify_shape")
+    lines = [f"Validation NELBO (nats/token) and its PPL = exp(NELBO) on the conversion's held-out verification "
+             f"batch ({shape[0]} blocks x {shape[1]} tokens, {report.get('verify_repeats')} mask draws, the same "
+             f"t's and masks for every model; an upper bound on the NLL, not MDLM's published perplexity).",
+             "", "| model | NELBO | PPL |", "|---|---|---|"]
+    lines += [f"| {name} | {v:.4f} | {math.exp(min(v, 700.0)):.2f} |" for name, v in rows]
+    return "\n".join(lines)
+
+
+def model_card(student, report: dict, repo_id: Optional[str], revision: Optional[str], output: Path):
+    from ..hub import render_model_card
+
+    settings = {"source": report["source"], "weights": "EMA" if report["ema"] else "raw",
+                "layer mapping": ",".join(map(str, report["mapping"])), "layers (pre/fp/post)":
+                "/".join(map(str, report["layers"])), "injection": report["injection"]}
+    for key, value in report.get("training", {}).items():
+        settings[f"fine-tuning {key}"] = value
+    return render_model_card(student, kind="text", repo_id=repo_id or output.name, revision=revision or "main",
+                             base_model=base_model_name(report["source"]), settings=settings,
+                             results=results_table(report))
+
+
+def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report: dict, cka=None,
+                card=None) -> None:
+    """Main process only: write into OUTPUT.tmp-<id>, then move it into place (replacing on --overwrite)."""
+    if state.is_main_process:
+        from ..validation_fpmgm import write_manifest
+
+        tmp = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            student.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            if card is not None:
+                card.save(str(tmp / "README.md"))
+            if cka is not None:
+                from .layer_mapping import save_cka_png
+
+                torch.save(cka, tmp / "cka.pt")
+                report["cka_png"] = save_cka_png(cka, tmp / "cka.png")
+            (tmp / "conversion.json").write_text(json.dumps(report, indent=2, default=str))
+            write_manifest(str(tmp))  # sha256 of every file, verified by from_pretrained
+            if output.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{output} appeared while converting; pass --overwrite to replace it.")
+                old = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(output, old)
+                os.replace(tmp, output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    state.wait_for_everyone()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from ..training.runlock import run_lock
+
+    # Like Accelerator: ACCELERATE_USE_CPU=1 (e.g. under torchrun on CPU) must give a multi-CPU state here too,
+    # otherwise every process would see itself as the main process.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    output = Path(args.output)
+    # A sibling file: the output folder itself is replaced at the end. One conversion per output at a time.
+    with run_lock(output.with_name(output.name + ".lock"), enabled=state.is_main_process):
+        return convert(args, state, output)
+
+
+def convert(args, state, output: Path) -> int:
+    from .layer_mapping import map_layers
+    from .mdlm_import import load_mdlm_checkpoint
+
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"output {output} exists; pass --overwrite to replace it.")
+    num_pre, num_fp, num_post = parse_layers(args.layers)
+    train = not args.dry_run and (args.steps > 0 or args.consistency_steps > 0)
+    if args.consistency_steps > 0 and args.consistency_weight <= 0:
+        raise ValueError("--consistency-steps needs --consistency-weight > 0.")
+    if args.resume and not train:
+        raise ValueError("--resume continues fine-tuning; it cannot be combined with --dry-run / --steps 0.")
+    if train and not args.data:
+        raise ValueError("fine-tuning needs --data (e.g. openwebtext); use --dry-run to convert without training.")
+    work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".work")
+    if train and not args.resume and work.exists() and any(work.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(f"work folder {work} holds an earlier run's logs/checkpoints; pass --resume latest "
+                                  f"to continue it or --overwrite to start over.")
+        if state.is_main_process:
+            shutil.rmtree(work)
+        state.wait_for_everyone()
+    t0 = time.time()
+
+    teacher = load_mdlm_checkpoint(args.mdlm, ema=args.ema, trust_pickle=args.trust_pickle).to(state.device)
+    cfg = teacher.config
+    _say(state, f"[import] {args.mdlm}: {cfg.num_pre_layers} layers, hidden {cfg.hidden_size}, heads "
+                f"{cfg.num_attention_heads}, vocab {cfg.vocab_size} ({'EMA' if args.ema else 'raw'} weights) "
+                f"in {time.time() - t0:.1f}s")
+    tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size, cfg.mask_token_id, args.trust_remote_code)
+    seq_len = args.seq_len or cfg.max_position_embeddings
+    x_val = verification_batch(args, tokenizer, seq_len)
+
+    cka = None
+    mapping = args.map
+    if args.map.strip().lower() == "auto":
+        n = min(args.cka_batch, x_val.shape[0])
+        cka, mapping = cka_mapping(teacher, x_val[:n], num_pre, num_fp, num_post, args.seed)
+        consecutive = [round(float(cka[i, i + 1]), 3) for i in range(cka.shape[0] - 1)]
+        _say(state, f"[map] consecutive-layer CKA {consecutive} -> --map {','.join(map(str, mapping))}")
+    overrides = {} if args.fp_max_iter is None else {"fp_max_iter": args.fp_max_iter}
+    student = map_layers(teacher, mapping, num_pre, num_fp, num_post, injection=args.injection, seed=args.seed,
+                         **overrides).eval()
+    mapping = [int(v) for v in (mapping.split(",") if isinstance(mapping, str) else mapping)]
+    _say(state, f"[map] layers {mapping} -> pre/fp/post {num_pre}/{num_fp}/{num_post}; "
+                f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
+
+    report = {"source": args.mdlm, "ema": args.ema, "mapping": mapping, "layers": [num_pre, num_fp, num_post],
+              "injection": args.injection, "tokenizer": args.tokenizer, "seed": args.seed,
+              "verify_shape": list(x_val.shape), "verify_repeats": args.verify_repeats,
+              "verify_before": verify(state, teacher, student, x_val, tokenizer, args)}
+    if train:
+        from accelerate import Accelerator
+
+        from .distill import finetune
+
+        accum = {} if args.grad_accum is None else {"gradient_accumulation_steps": args.grad_accum}
+        accelerator = Accelerator(**accum)
+        train_blocks, val_blocks = split_data(args, tokenizer, seq_len)
+        _say(state, f"[train] {train_blocks.shape[0]} training / {val_blocks.shape[0]} validation blocks of "
+                    f"{seq_len} tokens; logs and checkpoints in {work}")
+        student, summary = finetune(
+            student, teacher, tokenizer, train_blocks, val_blocks, work_dir=str(work), steps=args.steps,
+            consistency_steps=args.consistency_steps, batch_size=args.batch_size, accelerator=accelerator,
+            lr=args.lr, warmup_steps=args.warmup_steps, clip=args.clip, kl_weight=args.kl_weight,
+            kl_warmup=args.kl_warmup, tau=args.tau, gap=tuple(args.gap), consistency_weight=args.consistency_weight,
+            consistency_warmup=args.consistency_warmup, consistency_gap=tuple(args.consistency_gap),
+            stop_ppl_rise=args.stop_ppl_rise, eval_every=args.eval_every, eval_batches=args.eval_batches,
+            save_every=args.save_every, seed=args.seed, resume=args.resume, lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha, log_every=args.log_every, log=lambda m: _say(state, f"[train] {m}"))
+        keys = ("steps", "batch_size", "lr", "warmup_steps", "clip", "kl_weight", "kl_warmup", "tau", "gap", "data",
+                "consistency_weight", "consistency_warmup", "consistency_steps", "stop_ppl_rise", "lora_r")
+        report["training"] = {k: getattr(args, k) for k in keys}
+        report["training"].update(processes=state.num_processes, grad_accum=accelerator.gradient_accumulation_steps,
+                                  train_blocks=int(train_blocks.shape[0]), seq_len=seq_len, work_dir=str(work))
+        report["finetune"] = summary
+        student = student.to(state.device)
+        report["verify_after"] = verify(state, teacher, student, x_val, tokenizer, args)
+    if args.consistency_weight > 0 and train:
+        student.generation_config.reuse = "3sr"  # consistency-trained: ready for three-state reuse
+    card = model_card(student.cpu(), report, args.push_to_hub, args.revision, output)
+    save_atomic(state, student.cpu(), tokenizer, output, args.overwrite, report, cka, card)
+    _say(state, f"[save] {output} ({time.time() - t0:.1f}s total)")
+    if args.push_to_hub and state.is_main_process:
+        from ..hub import push_folder
+
+        url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+        _say(state, f"[push] {args.push_to_hub}: {url}")
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
