@@ -119,7 +119,11 @@ def test_consistency_stage_early_stop_card_and_3sr(assets, tmp_path):
 
     text = (out / "README.md").read_text()
     front = yaml.safe_load(text.split("---")[1])
-    assert front["library_name"] == "transformers" and front["base_model"] == "mdlm"
+    # A local source: named, without base_model metadata or a link; no local path anywhere in the card.
+    assert front["library_name"] == "transformers" and "base_model" not in front
+    assert "Converted from a local checkpoint (`mdlm`)" in text and "huggingface.co/mdlm" not in text
+    assert str(tmp_path) not in text and str(assets["data"]) not in text and "| fine-tuning data | train.txt |" in text
+    assert "github.com" not in text and 'AutoTokenizer.from_pretrained(repo, revision="main", trust_remote_code=False)' in text
     assert {"custom_code", "masked-diffusion"} <= set(front["tags"])
     assert "| MDLM teacher |" in text and "after fine-tuning" in text
     assert f"{report['verify_after']['converted_nelbo']:.4f}" in text
@@ -185,6 +189,38 @@ def test_lora_trains_adapters_and_merges(assets, tmp_path):
     assert any(".attn.attn_qkv." in k for k in changed) and any(".injection." in k for k in changed)
     assert all(any(s in k for s in (".attn.attn_", ".mlp.0.", ".mlp.2.", ".injection.")) for k in changed), changed
     assert not any("sigma_map" in k or "adaLN" in k or "embed" in k for k in changed)
+
+
+def test_keep_adapter_saves_base_and_adapter_that_load_three_ways(assets, tmp_path):
+    from peft import AutoPeftModel, PeftModel
+
+    from fpmgm_hf import FPMGMForMaskedGeneration
+    from fpmgm_hf.conversion.layer_mapping import map_layers
+    from fpmgm_hf.conversion.mdlm_import import load_mdlm_checkpoint
+
+    out = tmp_path / "kept"
+    convert(argv(assets, out, "--steps", 2, "--eval-every", 0, "--save-every", 0, "--lora-r", 2, "--keep-adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json"} <= set(
+        os.listdir(out))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out.resolve())
+    base = map_layers(load_mdlm_checkpoint(str(assets["mdlm"])), "1,2,3", 1, 1, 1, seed=0).eval()
+    saved = load_file(out / "model.safetensors")  # the base weights, exactly the mapped model's
+    assert all(torch.equal(saved[k], v) for k, v in base.state_dict().items() if k in saved)
+
+    x = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.5)
+    logits = lambda m: m.eval()(x, timesteps=t).logits  # noqa: E731
+    plain = logits(FPMGMForMaskedGeneration.from_pretrained(str(out)))  # transformers applies the adapter
+    explicit = logits(PeftModel.from_pretrained(base, str(out)))
+    auto = logits(AutoPeftModel.from_pretrained(str(out), import_allowlist=["fpmgm_hf"]))
+    torch.testing.assert_close(plain, explicit)
+    torch.testing.assert_close(auto, explicit)
+    assert not torch.allclose(explicit, logits(map_layers(load_mdlm_checkpoint(str(assets["mdlm"])), "1,2,3", 1, 1,
+                                                                  1, seed=0)))
+    with pytest.raises(ValueError, match="allowlist"):  # PEFT's default allowlist does not name fpmgm_hf
+        AutoPeftModel.from_pretrained(str(out))
+    card = (out / "README.md").read_text()
+    assert "peft" in yaml.safe_load(card.split("---")[1])["tags"] and 'import_allowlist=["fpmgm_hf"]' in card
 
 
 def test_two_processes_under_torchrun(assets, tmp_path):

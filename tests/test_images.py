@@ -3,6 +3,7 @@ tokenizer, bad input, and `image_train` (loss goes down, exact resume, export wi
 
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -264,6 +265,16 @@ def test_training_lowers_loss_and_exports_with_vq(assets, tmp_path):
     ids = model.generate(batch_size=2, class_labels=torch.tensor([1, 2]), guidance_scale=2.0, budget=9,
                          generator=torch.Generator().manual_seed(0))
     assert ids.shape == (2, 49) and vq.decode(ids).shape == (2, 1, 28, 28)
+
+    # The card's usage snippet runs against the folder (remote code, offline, a fresh process).
+    card = (Path(final) / "README.md").read_text()
+    assert "image-generation" in card and str(tmp_path) not in card and "github.com" not in card
+    snippet = card.split("```python\n")[1].split("```")[0].replace('"run/final"', repr(str(final)))
+    snippet += "print(tuple(codes.shape), tuple(images.shape))\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "(8, 49) (8, 1, 28, 28)" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_consistency_stage_runs(assets, tmp_path):

@@ -1,22 +1,23 @@
-#!/usr/bin/env python
-"""Convert a pretrained MDLM into an FP-MDLM (arXiv 2605.31215, §3.4) and save a Hub-ready folder.
+"""`fpmgm-convert`: convert a pretrained MDLM into an FP-MDLM (arXiv 2605.31215, §3.4) and save a Hub-ready folder.
 
     accelerate launch conversion/convert.py --mdlm kuleshov-group/mdlm-owt --map 1,6,12 --data openwebtext \\
         --steps 40000 --output outputs/fp-mdlm-owt
-    python conversion/convert.py --mdlm path/to/mdlm.ckpt --map auto --dry-run --output outputs/fp-mdlm
+    fpmgm-convert --mdlm path/to/mdlm.ckpt --map auto --dry-run --output outputs/fp-mdlm
 
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 conversion/convert.py ...   # 2 CPU processes
 
-Steps: import the MDLM checkpoint (EMA weights by default) -> choose layers (`--map`, or `auto` from the
-layer CKA) -> build the FP-MDLM -> verify (teacher vs converted validation NELBO on a small batch, one
-decoded sample) -> optionally fine-tune against the frozen MDLM (`fpmgm_hf.distill.finetune`, i.e. the
-`fpmgm_hf.train.Trainer` loop: checkpoints in `--work-dir`, `--resume latest`, JSONL log, validation, early
-stop; optional consistency term / stage and LoRA) -> save with `save_pretrained` (code files + auto_map,
-generation_config.json) plus the tokenizer, a README.md model card and a `conversion.json` report -> optionally
-push the folder to the Hub. Only the main process writes, into `OUTPUT.tmp-*` (with a `checksums.json`
-manifest), renamed into place at the end; it holds `OUTPUT.lock` for the whole run, so a second conversion to
-the same output is refused. A Lightning `.ckpt` is read without running code from it (`--trust-pickle` to
-override, unsafe), and a `--tokenizer` folder's own code only runs with `--trust-remote-code`.
+`conversion/convert.py` in the repository only runs this module's `main`. Steps: import the MDLM checkpoint (EMA
+weights by default) -> choose layers (`--map`, or `auto` from the layer CKA) -> build the FP-MDLM -> verify
+(teacher vs converted validation NELBO on a small batch, one decoded sample) -> optionally fine-tune against the
+frozen MDLM (`fpmgm_hf.conversion.distill.finetune`, i.e. the `fpmgm_hf.training.loop.Trainer` loop:
+checkpoints in `--work-dir` rotated by `--save-total-limit`, `--resume latest`, Accelerate trackers with a
+JSONL log per stage, validation, early stop; optional consistency term / stage and LoRA) -> save with
+`save_pretrained` (code files + auto_map, generation_config.json) plus the tokenizer, a README.md model card and
+a `conversion.json` report -> optionally push the folder to the Hub. Only the main process writes, into
+`OUTPUT.tmp-*` (with a `checksums.json` manifest), renamed into place at the end; it holds `OUTPUT.lock` for the
+whole run, so a second conversion to the same output is refused. A Lightning `.ckpt` is read without running
+code from it (`--trust-pickle` to override, unsafe), and a `--tokenizer` folder's own code only runs with
+`--trust-remote-code`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ CKA_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="fpmgm-convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mdlm", required=True,
                    help="MDLM checkpoint: Hub repo id (e.g. kuleshov-group/mdlm-owt), a folder with config.json + "
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=1000,
                    help="save a resumable checkpoint (accelerator.save_state) every N steps and at the end of a stage "
                         "(0 = never)")
+    p.add_argument("--save-total-limit", type=int, default=None,
+                   help="keep only the newest N checkpoints of each stage (Accelerate ProjectConfiguration."
+                        "total_limit); default: all")
+    p.add_argument("--report-to", default=None,
+                   help="comma-separated Accelerate trackers besides each stage's log.jsonl (tensorboard, wandb, ...; "
+                        "'none'); default: tensorboard when installed")
     p.add_argument("--work-dir", default=None,
                    help="folder of the logs and checkpoints (default: OUTPUT.work next to --output)")
     p.add_argument("--resume", default=None,
@@ -124,14 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="range of the teacher time gap of the consistency loss")
     p.add_argument("--consistency-steps", type=int, default=0,
                    help="0: add the consistency term to the distillation loss; N > 0: a following consistency "
-                        "stage of N steps (fpmgm_hf.train's CoFRe loss) after the --steps distillation steps")
+                        "stage of N steps (fpmgm_hf.training's CoFRe loss) after the --steps distillation steps")
     p.add_argument("--stop-ppl-rise", type=float, default=0.15,
                    help="with consistency: stop at the first eval whose val PPL exceeds the pre-stage value by this "
                         "fraction")
     p.add_argument("--lora-r", type=int, default=0,
                    help="train LoRA adapters of this rank on the blocks' Linear layers (+ the full injection) "
-                        "instead of all weights; merged before saving (needs peft)")
+                        "instead of all weights; merged before saving unless --keep-adapter (needs peft)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x --lora-r)")
+    p.add_argument("--keep-adapter", action="store_true",
+                   help="with --lora-r: save the mapped base weights plus the PEFT adapter (adapter_config.json, "
+                        "adapter_model.safetensors) instead of merging them (fpmgm_hf.training.lora)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="upload the finished output folder to this Hub repo (main process, after the save)")
     p.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
@@ -296,14 +306,6 @@ def verify(state, teacher, student, x0, tokenizer, args) -> dict:
     return report
 
 
-def base_model_name(source: str) -> str:
-    """The card's `base_model`: a Hub repo id as given, else the checkpoint's file / folder name."""
-    if os.path.exists(source):
-        path = Path(source)
-        return path.stem if path.is_file() else path.resolve().name
-    return source
-
-
 def results_table(report: dict) -> str:
     """Markdown table of the verification NELBO / PPL (teacher vs converted, before / after fine-tuning)."""
     import math
@@ -323,28 +325,34 @@ def results_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(student, report: dict, repo_id: Optional[str], revision: Optional[str], output: Path):
+def model_card(student, report: dict, repo_id: Optional[str], revision: Optional[str], output: Path,
+               adapter: bool = False):
+    """The card: `base_model` (metadata and link) only for a Hub source, local paths reduced to their name
+    (`fpmgm_hf.hub`, shared with fpmgm-train)."""
     from ..hub import render_model_card
 
     settings = {"source": report["source"], "weights": "EMA" if report["ema"] else "raw",
                 "layer mapping": ",".join(map(str, report["mapping"])), "layers (pre/fp/post)":
                 "/".join(map(str, report["layers"])), "injection": report["injection"]}
     for key, value in report.get("training", {}).items():
-        settings[f"fine-tuning {key}"] = value
+        if key != "work_dir":  # a local folder, of no use to a reader of the card
+            settings[f"fine-tuning {key}"] = value
     return render_model_card(student, kind="text", repo_id=repo_id or output.name, revision=revision or "main",
-                             base_model=base_model_name(report["source"]), settings=settings,
-                             results=results_table(report))
+                             base_model=report["source"], settings=settings, results=results_table(report),
+                             adapter=adapter)
 
 
 def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report: dict, cka=None,
-                card=None) -> None:
-    """Main process only: write into OUTPUT.tmp-<id>, then move it into place (replacing on --overwrite)."""
+                card=None, adapter_base: Optional[str] = None) -> None:
+    """Main process only: write into OUTPUT.tmp-<id>, then move it into place (replacing on --overwrite). With
+    `adapter_base` a LoRA student is saved as base weights + adapter whose base is `adapter_base`."""
     if state.is_main_process:
+        from ..training.export import save_model
         from ..validation_fpmgm import write_manifest
 
         tmp = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            student.save_pretrained(str(tmp))
+            save_model(student, str(tmp), keep_adapter=adapter_base is not None, base_name_or_path=adapter_base)
             tokenizer.save_pretrained(str(tmp))
             if card is not None:
                 card.save(str(tmp / "README.md"))
@@ -396,6 +404,10 @@ def convert(args, state, output: Path) -> int:
     train = not args.dry_run and (args.steps > 0 or args.consistency_steps > 0)
     if args.consistency_steps > 0 and args.consistency_weight <= 0:
         raise ValueError("--consistency-steps needs --consistency-weight > 0.")
+    if args.keep_adapter and not args.lora_r:
+        raise ValueError("--keep-adapter keeps LoRA adapters: it needs --lora-r.")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise ValueError(f"--save-total-limit must be >= 1, got {args.save_total_limit}.")
     if args.resume and not train:
         raise ValueError("--resume continues fine-tuning; it cannot be combined with --dry-run / --steps 0.")
     if train and not args.data:
@@ -439,11 +451,14 @@ def convert(args, state, output: Path) -> int:
               "verify_before": verify(state, teacher, student, x_val, tokenizer, args)}
     if train:
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
+        from ..training.tracking import parse_report_to
         from .distill import finetune
 
         accum = {} if args.grad_accum is None else {"gradient_accumulation_steps": args.grad_accum}
-        accelerator = Accelerator(**accum)
+        project = ProjectConfiguration(project_dir=str(work), total_limit=args.save_total_limit)
+        accelerator = Accelerator(log_with=parse_report_to(args.report_to) or None, project_config=project, **accum)
         train_blocks, val_blocks = split_data(args, tokenizer, seq_len)
         _say(state, f"[train] {train_blocks.shape[0]} training / {val_blocks.shape[0]} validation blocks of "
                     f"{seq_len} tokens; logs and checkpoints in {work}")
@@ -455,7 +470,8 @@ def convert(args, state, output: Path) -> int:
             consistency_warmup=args.consistency_warmup, consistency_gap=tuple(args.consistency_gap),
             stop_ppl_rise=args.stop_ppl_rise, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, seed=args.seed, resume=args.resume, lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha, log_every=args.log_every, log=lambda m: _say(state, f"[train] {m}"))
+            lora_alpha=args.lora_alpha, merge=not args.keep_adapter, log_every=args.log_every,
+            log=lambda m: _say(state, f"[train] {m}"))
         keys = ("steps", "batch_size", "lr", "warmup_steps", "clip", "kl_weight", "kl_warmup", "tau", "gap", "data",
                 "consistency_weight", "consistency_warmup", "consistency_steps", "stop_ppl_rise", "lora_r")
         report["training"] = {k: getattr(args, k) for k in keys}
@@ -466,8 +482,9 @@ def convert(args, state, output: Path) -> int:
         report["verify_after"] = verify(state, teacher, student, x_val, tokenizer, args)
     if args.consistency_weight > 0 and train:
         student.generation_config.reuse = "3sr"  # consistency-trained: ready for three-state reuse
-    card = model_card(student.cpu(), report, args.push_to_hub, args.revision, output)
-    save_atomic(state, student.cpu(), tokenizer, output, args.overwrite, report, cka, card)
+    card = model_card(student.cpu(), report, args.push_to_hub, args.revision, output, adapter=args.keep_adapter)
+    adapter_base = (args.push_to_hub or str(output.resolve())) if args.keep_adapter else None
+    save_atomic(state, student.cpu(), tokenizer, output, args.overwrite, report, cka, card, adapter_base)
     _say(state, f"[save] {output} ({time.time() - t0:.1f}s total)")
     if args.push_to_hub and state.is_main_process:
         from ..hub import push_folder

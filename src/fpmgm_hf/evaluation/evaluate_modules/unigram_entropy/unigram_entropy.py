@@ -1,6 +1,7 @@
 """Unigram entropy of generated token sequences (FP-MGM paper Eq. 5), as an `evaluate` metric.
 
-Load by path, offline: ``evaluate.load("metrics/unigram_entropy")``. Thin wrapper of
+Load by path, offline: ``evaluate.load(fpmgm_hf.evaluation.evaluate_module("unigram_entropy"))``
+(``"metrics/unigram_entropy"`` in a checkout). Thin wrapper of
 ``fpmgm_hf.evaluation.metrics.unigram_entropy``.
 """
 

@@ -1,0 +1,155 @@
+"""Accelerate-native runs of fpmgm-train: trackers (the JSONL log is one), checkpoint rotation, `--resume latest`
+meaning "continue if there is a checkpoint", no duplicate log records after a resume, LoRA with merged or kept
+adapters, and the exported card / Hub push."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from accelerate.tracking import GeneralTracker
+from test_train import assets, base_args, read_log, run  # noqa: F401 - `assets` is a fixture
+
+from fpmgm_hf import FPMGMForMaskedGeneration
+from fpmgm_hf.training.loop import Trainer
+
+
+class Recorder(GeneralTracker):
+    name = "recorder"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.records, self.config = [], None
+
+    @property
+    def tracker(self):
+        return self.records
+
+    def store_init_configuration(self, values):
+        self.config = values
+
+    def log(self, values, step=None, **kwargs):
+        self.records.append((step, dict(values)))
+
+
+def train(argv, **kwargs):
+    from test_train import reset_accelerate
+
+    from fpmgm_hf.training.train import main
+
+    reset_accelerate()
+    return main(argv, **kwargs)
+
+
+def steps_logged(out, key="loss"):
+    return [r["step"] for r in read_log(out) if key in r]
+
+
+def test_every_record_goes_through_the_accelerate_trackers(assets, tmp_path):  # noqa: F811
+    out, recorder = tmp_path / "run", Recorder()
+    train(base_args(assets, out, **{"--max-steps": 2, "--save-every": 0}), log_with=[recorder])
+    logged = [{k: v for k, v in r.items() if k != "time"} for r in read_log(out)]
+    assert [values for _, values in recorder.records] == logged  # log.jsonl is one tracker among the others
+    assert [step for step, _ in recorder.records] == [r.get("step") for r in logged]
+    assert recorder.config["seq_len"] == 24 and "data_fingerprint" in recorder.config
+    with pytest.raises(ValueError, match=r"--report-to: unknown tracker\(s\) \['bogus'\]"):
+        train(base_args(assets, tmp_path / "x", **{"--report-to": "bogus"}))
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_continues(assets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train(base_args(assets, out, **{"--max-steps": 4, "--save-every": 1, "--save-total-limit": 2}))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3", "step_4"]
+    train(base_args(assets, out, **{"--max-steps": 5, "--save-every": 1, "--save-total-limit": 2,
+                                    "--resume": "latest"}))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_4", "step_5"]
+    assert steps_logged(out) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="--save-total-limit must be >= 1, got 0"):
+        train(base_args(assets, out, **{"--save-total-limit": 0}))
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(assets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train(base_args(assets, out, **{"--max-steps": 2, "--resume": "latest"}))
+    assert steps_logged(out) == [1, 2] and not any(r.get("event") == "resume" for r in read_log(out))
+
+
+def test_a_resumed_run_logs_every_step_once(assets, tmp_path):  # noqa: F811
+    """A run killed after logging step 3 (its last checkpoint: step 2) is resumed: step 3 is re-run and logged
+    once; a fresh run in the same folder moves the old log aside."""
+    out = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def crash_after_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    with mock.patch.object(Trainer, "train_step", crash_after_step_3), pytest.raises(KeyboardInterrupt):
+        train(base_args(assets, out, **{"--max-steps": 4, "--eval-every": 1}))
+    assert steps_logged(out) == [1, 2, 3] and sorted(os.listdir(out / "checkpoints")) == ["step_2"]
+    train(base_args(assets, out, **{"--max-steps": 4, "--eval-every": 1, "--resume": "latest"}))
+    assert steps_logged(out) == [1, 2, 3, 4] and steps_logged(out, "val_nelbo") == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in read_log(out) if r.get("event") == "resume"] == [2]
+    train(base_args(assets, out, **{"--max-steps": 1, "--save-every": 0}))
+    assert steps_logged(out) == [1] and (out / "log.jsonl.prev").is_file()
+
+
+def test_lora_merged_or_kept_adapter(assets, tmp_path):  # noqa: F811
+    from peft import PeftModel
+
+    base_dir = train(base_args(assets, tmp_path / "base", **{"--max-steps": 2, "--save-every": 0}))
+    with pytest.raises(ValueError, match="--lora-r trains adapters on a trained model: give --from"):
+        train(base_args(assets, tmp_path / "x", **{"--lora-r": 2}))
+    def lora(out, *extra):
+        argv = base_args(assets, out, **{"--from": base_dir, "--lora-r": 2, "--max-steps": 2, "--lr": "1e-2"})
+        i = argv.index("--config")
+        return train(argv[:i] + argv[i + 2:] + list(extra))
+
+    merged = lora(tmp_path / "merged")
+    kept = lora(tmp_path / "kept", "--keep-adapter")
+    assert "adapter_config.json" not in os.listdir(merged)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(kept))
+    state = json.loads((tmp_path / "merged" / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["lora_r"] == 2
+    x, t = torch.randint(0, 20, (2, 24), generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.5)
+    logits = lambda m: m.eval()(x, timesteps=t).logits  # noqa: E731
+    want = logits(FPMGMForMaskedGeneration.from_pretrained(merged))
+    torch.testing.assert_close(logits(FPMGMForMaskedGeneration.from_pretrained(kept)), want)
+    with_base = PeftModel.from_pretrained(FPMGMForMaskedGeneration.from_pretrained(base_dir), kept)
+    torch.testing.assert_close(logits(with_base), want)
+    assert not torch.allclose(logits(FPMGMForMaskedGeneration.from_pretrained(base_dir)), want)
+
+
+def test_export_writes_a_public_card_pushes_it_and_its_snippet_runs(assets, tmp_path):  # noqa: F811
+    out, seen = tmp_path / "tiny-run", {}
+
+    def upload_folder(*, repo_id, folder_path, revision, commit_message):
+        seen.update(repo=repo_id, files=sorted(os.listdir(folder_path)))
+        return mock.Mock(commit_url="https://hf.co/me/tiny/commit/1")
+
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        api_cls.return_value.upload_folder.side_effect = upload_folder
+        final = train(base_args(assets, out, **{"--max-steps": 2, "--save-every": 0, "--push-to-hub": "me/tiny"}))
+    assert seen["repo"] == "me/tiny" and {"README.md", "config.json", "tokenizer.json"} <= set(seen["files"])
+    assert read_log(out)[-1]["event"] == "push"
+    card = (out / "final" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front and front["library_name"] == "transformers"
+    assert str(tmp_path) not in card and "| data | data.txt |" in card and "github.com" not in card
+    assert 'repo = "me/tiny"' in card and "Trained from scratch with `fpmgm-train`" in card
+    assert "| 2 |" in card  # the last validation record
+
+    # The usage snippet, pointed at the local folder, runs in a fresh process (remote code, offline).
+    snippet = card.split("```python\n")[1].split("```")[0].replace('"me/tiny"', repr(str(final)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.startswith("["), proc.stdout[-1000:] + proc.stderr[-3000:]
