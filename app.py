@@ -8,7 +8,7 @@ Text tab: a prompt (and an optional suffix: infilling), the budget dial and the 
 streams while it denoises (masks grey, newly revealed tokens yellow), a plot shows the solver's iterations and
 residual per step, a table the block passes and wall time. Pick a second model to compare both at the same budget
 and seed. Image tab (FP-MaskGIT + VQ folders): pick classes and watch the grid resolve. The page's logic lives in
-`fpmgm_hf.demo_app`; this file lays it out.
+`fpmgm_hf.demo.app`; this file lays it out.
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import timed_pair  # noqa: E402
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration  # noqa: E402
+from fpmgm_hf.conversion.distill import distill_loss  # noqa: E402
+from fpmgm_hf.conversion.layer_mapping import map_layers  # noqa: E402
 from fpmgm_hf.data import load_texts, pack_blocks, split_blocks, train_char_tokenizer  # noqa: E402
-from fpmgm_hf.distill import distill_loss  # noqa: E402
-from fpmgm_hf.layer_mapping import map_layers  # noqa: E402
-from fpmgm_hf.objectives import mdlm_nelbo  # noqa: E402
-from fpmgm_hf.stability import check_contract, generation_check, raw_map, solver_profile  # noqa: E402
+from fpmgm_hf.evaluation.stability import check_contract, generation_check, raw_map, solver_profile  # noqa: E402
+from fpmgm_hf.training.objectives import mdlm_nelbo  # noqa: E402
 
 PAPER = dict(injection="concat_mlp", fp_residual_reg=0.0)
 NO_REG = dict(fp_residual_reg=0.0)  # every variant names its regulariser; the defaults may move

@@ -4,7 +4,7 @@ classifier that checks the samples are the requested digits, and FID on thousand
     .venv/bin/python bench/image_eval.py --out outputs/images --docs docs/images           # every stage, resumable
 
 Stages (a finished stage is skipped):
-  vq          VQ-VAE tokenizer, 28x28 -> 7x7 codes from 256 (`python -m fpmgm_hf.vq train`), then token grids
+  vq          VQ-VAE tokenizer, 28x28 -> 7x7 codes from 256 (`python -m fpmgm_hf.images.vq train`), then token grids
   classifier  a small CNN trained by the project (>= 99% test accuracy), weights in OUT/classifier
   train       MaskGIT-12 (the baseline) and FP-MaskGIT 4/1/4 (the default fixed-point map), side by side with one
               thread each, so their step time and peak memory compare under the same load; then the CoFRe
@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 def stage_vq(args, out: Path) -> None:
     vq, codes = out / "vq", out / "codes"
-    py = [sys.executable, "-m", "fpmgm_hf.vq"]
+    py = [sys.executable, "-m", "fpmgm_hf.images.vq"]
     if not (vq / "config.json").is_file():
         subprocess.run(py + ["train", "--dataset", args.data, "--steps", str(args.vq_steps), "--out", str(vq),
                              "--seed", str(args.seed)], check=True, cwd=ROOT)
@@ -80,8 +80,8 @@ def stage_vq(args, out: Path) -> None:
 
 
 def stage_classifier(args, out: Path) -> dict:
-    from fpmgm_hf.assets import load_image_dataset
-    from fpmgm_hf.digit_classifier import load_classifier, train_classifier
+    from fpmgm_hf.data.assets import load_image_dataset
+    from fpmgm_hf.images.digit_classifier import load_classifier, train_classifier
 
     if not (out / "classifier" / "classifier.json").is_file():
         tr, ytr = load_image_dataset(args.data, "train")
@@ -101,7 +101,7 @@ def peak_rss_mb() -> float:
 def _train_child(argv: list[str], report: str) -> None:
     """Runs inside the subprocess: train, then write the median step time and the peak memory."""
     torch.set_num_threads(1)
-    from fpmgm_hf.image_train import main
+    from fpmgm_hf.images.train import main
 
     t0 = time.perf_counter()
     final = main(argv)
@@ -170,10 +170,10 @@ def generate(model, vq, n: int, budget: int, reuse: str, guidance: float, seed: 
 
 
 def stage_eval(args, out: Path, trains: dict) -> dict:
-    from fpmgm_hf.assets import load_image_dataset
-    from fpmgm_hf.digit_classifier import load_classifier
-    from fpmgm_hf.image_train import load_image_model
-    from fpmgm_hf.metrics import fid_from_features
+    from fpmgm_hf.data.assets import load_image_dataset
+    from fpmgm_hf.evaluation.metrics import fid_from_features
+    from fpmgm_hf.images.digit_classifier import load_classifier
+    from fpmgm_hf.images.train import load_image_model
 
     clf, _ = load_classifier(out / "classifier")
     n = args.num_images
@@ -205,8 +205,8 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
 
 def _inception(args, out: Path, cells: dict, test) -> None:
     """Inception FID at each model's best point (by classifier FID), and its floor."""
-    from fpmgm_hf.assets import load_image_dataset
-    from fpmgm_hf.metrics import InceptionFeatures, fid_from_features
+    from fpmgm_hf.data.assets import load_image_dataset
+    from fpmgm_hf.evaluation.metrics import InceptionFeatures, fid_from_features
 
     n = args.num_images
     best = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from reproduce_text import SCHED, last_step, slug
 
-from fpmgm_hf.sweep_report import SweepPoint, best_per_budget, markdown_table, plot
+from fpmgm_hf.evaluation.sweep_report import SweepPoint, best_per_budget, markdown_table, plot
 
 PRIMARY = "char-lm"  # the in-domain evaluator decides; the general LM is reported beside it
 
@@ -29,7 +29,7 @@ def heldout_nelbo(model_dir: Path, tokenizer_dir: Path, args, repeats: int = 2) 
     """NELBO (nats per character) of a model on every held-out block, the same masks for every model."""
     from fpmgm_hf import FPMGMForMaskedGeneration
     from fpmgm_hf.data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
-    from fpmgm_hf.objectives import mdlm_nelbo
+    from fpmgm_hf.training.objectives import mdlm_nelbo
 
     tok = load_training_tokenizer(str(tokenizer_dir))
     _, val = split_blocks(pack_blocks(load_texts("shakespeare"), tok, args.seq_len), 0.05)
@@ -356,7 +356,8 @@ def _contract_section(out: Path, models: dict) -> list[str]:
     if not rows:
         return []
     return ["## Stability contract", "",
-            "`python -m fpmgm_hf.stability MODEL` on 32 held-out blocks per mask rate (0.15 / 0.5 / 0.9; the worst "
+            "`python -m fpmgm_hf.evaluation.stability MODEL` on 32 held-out blocks per mask rate "
+            "(0.15 / 0.5 / 0.9; the worst "
             "rate shown) and `generate` at budget 768 with warm starts, safety net off (docs/stability).", "",
             "| model | residual @32 | growth / iter (32→64) | full / 3SR @768 | contract |", "|---|---|---|---|---|",
             *rows, ""]

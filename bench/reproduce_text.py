@@ -14,7 +14,7 @@ Stages (a finished stage is skipped; training stages resume from their last chec
              `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
              for as many steps as the conversion fine-tunes (conversion vs scratch at equal steps)
   nelbo      held-out NELBO of every model on the same masks
-  contract   the stability contract (`python -m fpmgm_hf.stability`) on every fixed-point model
+  contract   the stability contract (`python -m fpmgm_hf.evaluation.stability`) on every fixed-point model
   sweep      `fpmgm-eval sweep`: budgets 24..768, best step count per budget (pilots), reuse none/full/3sr,
              schedules decreasing/fixed, adaptive stopping, >= 128 samples per point, two evaluators
   report     docs/reproduction: results.json, README.md with the claims table (bench/repro_claims.py), plots
@@ -103,7 +103,7 @@ def arch(args, layers: tuple) -> dict:
 def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=None, extra=()) -> list:
     """fpmgm-train on the character-level blocks; `layers` for a fresh model or `init_from` a trained one."""
     run_dir = out / name
-    cmd = [PY, "-m", "fpmgm_hf.train", "--data", "shakespeare", "--tokenizer", out / "tokenizer",
+    cmd = [PY, "-m", "fpmgm_hf.training.train", "--data", "shakespeare", "--tokenizer", out / "tokenizer",
            "--seq-len", args.seq_len, "--batch-size", args.batch, "--max-steps", steps, "--lr", args.lr,
            "--warmup-steps", min(200, max(1, steps // 10)), "--eval-every", max(50, steps // 10),
            "--eval-batches", 20, "--save-every", max(50, steps // 20), "--seed", args.seed, "--out", run_dir]
@@ -223,7 +223,7 @@ def stage_nelbo(args, out):
 
 def stage_contract(args, out):
     """The stability contract (docs/stability) on every trained fixed-point model, written to OUT/contract/."""
-    from fpmgm_hf.stability import main as contract
+    from fpmgm_hf.evaluation.stability import main as contract
 
     (out / "contract").mkdir(exist_ok=True)
     for name, (sub, baseline) in MODELS.items():

@@ -66,7 +66,7 @@ def tokenizer(out: Path, args) -> None:
 def train_teacher(out: Path, args) -> None:
     cfg = out / "teacher.json"
     cfg.write_text(json.dumps(teacher_config(args)))
-    cmd = [PY, "-m", "fpmgm_hf.train", "--data", args.data, "--tokenizer", str(out / "tokenizer"),
+    cmd = [PY, "-m", "fpmgm_hf.training.train", "--data", args.data, "--tokenizer", str(out / "tokenizer"),
            "--config", str(cfg), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--max-steps", str(args.steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.steps // 5)),
            "--eval-every", str(max(100, args.steps // 5)), "--eval-batches", "8",

@@ -78,7 +78,7 @@ def main(argv=None) -> str:
 
     torch.set_num_threads(1)
     if not Path(args.model).is_dir():
-        raise SystemExit(f"{args.model!r} not found: train one first, e.g. `python -m fpmgm_hf.image_train "
+        raise SystemExit(f"{args.model!r} not found: train one first, e.g. `python -m fpmgm_hf.images.train "
                          f"--data mnist --max-steps 300 --out outputs/image_eval/fp_maskgit_4_1_4`.")
     pipe = FPMGMImagePipeline.from_pretrained(args.model, vqvae=args.vq)
     k = pipe.model.config.num_classes

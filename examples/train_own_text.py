@@ -4,7 +4,7 @@
     .venv/bin/python examples/train_own_text.py            # the bundled KJV Bible, ~10 min on 2 CPU cores
 
 Steps: fit a tokenizer on `--text` (a .txt/.jsonl file or a bundled corpus name) -> pretrain FP-MDLM 1/1/1
-with S-JFB (`fpmgm_hf.train`) -> a short consistency stage (lambda ramp, early stop on a validation-PPL rise)
+with S-JFB (`fpmgm_hf.training.train`) -> a short consistency stage (lambda ramp, early stop on a validation-PPL rise)
 -> `OUT/cofre/final`, a save_pretrained folder set up for 3SR sampling. Every stage resumes: re-run the same
 command after an interruption. For GPUs or several processes, run the printed `fpmgm-train` commands under
 `accelerate launch`.

@@ -123,7 +123,8 @@ def test_consistency_stage_early_stop_card_and_3sr(assets, tmp_path):
     assert front["library_name"] == "transformers" and "base_model" not in front
     assert "Converted from a local checkpoint (`mdlm`)" in text and "huggingface.co/mdlm" not in text
     assert str(tmp_path) not in text and str(assets["data"]) not in text and "| fine-tuning data | train.txt |" in text
-    assert "github.com" not in text and 'AutoTokenizer.from_pretrained(repo, revision="main", trust_remote_code=False)' in text
+    assert "github.com" not in text
+    assert 'AutoTokenizer.from_pretrained(repo, revision="main", trust_remote_code=False)' in text
     assert {"custom_code", "masked-diffusion"} <= set(front["tags"])
     assert "| MDLM teacher |" in text and "after fine-tuning" in text
     assert f"{report['verify_after']['converted_nelbo']:.4f}" in text

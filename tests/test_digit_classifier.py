@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fpmgm_hf.digit_classifier import load_classifier, train_classifier
+from fpmgm_hf.images.digit_classifier import load_classifier, train_classifier
 
 
 def pattern_images(n, seed=0):

@@ -1,6 +1,6 @@
 """The distribution and the layout: a wheel built from the repository is complete (card templates, the
 converter with its `fpmgm-convert` entry point, the `evaluate` modules with README and requirements, LICENSE)
-and works from a temporary install; the old module paths still import and run; no import circles; the
+and works from a temporary install; the tooling lives in subpackages by job; no import circles; the
 Hub-portable model files stay flat and self-contained."""
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ PKG = REPO / "src" / "fpmgm_hf"
 HUB_FILES = ("configuration_fpmgm", "modeling_fpmgm", "fixed_point_fpmgm", "generation_fpmgm",
              "generation_config_fpmgm", "canvas_fpmgm", "streaming_fpmgm", "pipeline_fpmgm", "scheduling_fpmgm",
              "solver_fpmgm", "validation_fpmgm", "configuration_vqvae", "modeling_vqvae")
-# old flat module -> its home (the old path is a forwarding shim)
-MOVED = {"train": "training.train", "objectives": "training.objectives", "trainer_state": "training.trainer_state",
-         "runlock": "training.runlock", "mdlm_import": "conversion.mdlm_import",
-         "layer_mapping": "conversion.layer_mapping", "distill": "conversion.distill",
-         "checkpoint_pickle": "conversion.checkpoint_pickle", "metrics": "evaluation.metrics",
-         "reference_lm": "evaluation.reference_lm", "stability": "evaluation.stability",
-         "sweep_report": "evaluation.sweep_report", "image_train": "images.train", "vq": "images.vq",
-         "demo_app": "demo.app", "demo_render": "demo.render", "assets": "data.assets"}
 
 
 def _env(**extra) -> dict:
@@ -92,18 +84,17 @@ def test_installed_wheel_renders_a_card_and_runs_fpmgm_convert(installed):
         assert run.returncode == 0 and flag in run.stdout, run.stderr[-3000:]
 
 
-def test_old_module_paths_forward_to_the_new_homes():
-    import importlib
-
-    for old, new in MOVED.items():
-        shim, home = importlib.import_module(f"fpmgm_hf.{old}"), importlib.import_module(f"fpmgm_hf.{new}")
-        public = [n for n in dir(home) if not n.startswith("__")]
-        assert public and all(getattr(shim, n) is getattr(home, n) for n in public), old
-    from fpmgm_hf.evaluation import main, step_grid  # noqa: F401  (the old module is now this package)
+def test_top_level_holds_only_the_hub_portable_files():
+    """Tooling lives in subpackages by job; the flat files are the ones that ship beside the weights."""
+    flat = {p.stem for p in PKG.glob("*.py")} - {"__init__"}
+    assert flat == set(HUB_FILES), sorted(flat ^ set(HUB_FILES))
+    for job in ("training", "conversion", "evaluation", "images", "data", "hub", "demo"):
+        assert (PKG / job / "__init__.py").is_file(), job
 
 
-def test_old_python_m_paths_still_run():
-    for module in ("fpmgm_hf.train", "fpmgm_hf.image_train", "fpmgm_hf.evaluation"):
+def test_python_m_entry_points_run():
+    for module in ("fpmgm_hf.training.train", "fpmgm_hf.images.train", "fpmgm_hf.evaluation",
+                   "fpmgm_hf.evaluation.stability", "fpmgm_hf.conversion.convert"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], env=_env(), capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and "usage" in proc.stdout, (module, proc.stderr[-2000:])

@@ -122,11 +122,11 @@ def test_two_real_training_runs_on_one_folder(assets, tmp_path):  # noqa: F811
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(
-        "import time\nimport fpmgm_hf.train as t\n_s = t.Trainer.train_step\n"
+        "import time\nimport fpmgm_hf.training.train as t\n_s = t.Trainer.train_step\n"
         "def _slow(self):\n    time.sleep(0.3)\n    return _s(self)\nt.Trainer.train_step = _slow\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])))
-    first = subprocess.Popen([sys.executable, "-m", "fpmgm_hf.train",
+    first = subprocess.Popen([sys.executable, "-m", "fpmgm_hf.training.train",
                               *base_args(assets, out, **{"--max-steps": 40}), "--cpu"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

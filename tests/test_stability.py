@@ -270,7 +270,7 @@ def test_contract_cli_passes_a_contraction_and_fails_an_expanding_map(tmp_path, 
     import json
 
     from fpmgm_hf.data import train_char_tokenizer
-    from fpmgm_hf.stability import main
+    from fpmgm_hf.evaluation.stability import main
 
     text = tmp_path / "corpus.txt"
     text.write_text("to be or not to be, that is the question.\n" * 200)

@@ -190,7 +190,7 @@ def test_two_process_smoke(assets, tmp_path):
     argv = base_args(assets, out, **{"--max-steps": 3, "--batch-size": 2})
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fpmgm_hf.train", *argv]
+           "-m", "fpmgm_hf.training.train", *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "step_3"
@@ -209,7 +209,7 @@ def test_two_processes_follow_the_single_process_curve(assets, tmp_path):
     run(base_args(assets, one, **common, **{"--batch-size": 8}))
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fpmgm_hf.train", *base_args(assets, two, **common, **{"--batch-size": 4})]
+           "-m", "fpmgm_hf.training.train", *base_args(assets, two, **common, **{"--batch-size": 4})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     val = lambda out: {r["step"]: r["val_nelbo"] for r in read_log(out) if "val_nelbo" in r}  # noqa: E731

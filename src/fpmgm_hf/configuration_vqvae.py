@@ -38,7 +38,7 @@ class VQVAEConfig(PretrainedConfig):
     Example:
 
     ```python
-    >>> from fpmgm_hf.vq import VQVAEConfig, VQVAEModel
+    >>> from fpmgm_hf.images.vq import VQVAEConfig, VQVAEModel
     >>> model = VQVAEModel(VQVAEConfig(hidden_channels=32, codebook_size=64))
     >>> model.config.grid_size
     (7, 7)

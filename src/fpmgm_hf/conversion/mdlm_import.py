@@ -6,7 +6,7 @@ The import, and where the next steps live:
    `config.json` + `model.safetensors`, a single `.safetensors` file, or a Lightning `.ckpt`, EMA weights by
    default) into an [`FPMGMForMaskedGeneration`] with `num_fp_layers=0`: a plain DiT stack whose logits
    match MDLM's fp32 forward.
-2. `fpmgm_hf.layer_mapping.map_layers(mdlm_model, mapping=(1, 6, 12), ...)` builds the fixed-point model
+2. `fpmgm_hf.conversion.layer_mapping.map_layers(mdlm_model, mapping=(1, 6, 12), ...)` builds the fixed-point model
    from chosen layers, and `linear_cka_matrix` / `pick_mapping_from_cka` choose them (`--map auto`).
 
 Checkpoint layout (MDLM `models/dit.py`, all keys under `backbone.`): `vocab_embed.embedding` (a raw
@@ -380,7 +380,7 @@ def read_mdlm_checkpoint(
     path_or_repo_id: Union[str, os.PathLike], ema: bool = True, trust_pickle: bool = False
 ) -> tuple[dict, dict[str, Tensor]]:
     """(config dict, MDLM state dict) from a folder, repo id, `.safetensors` file or Lightning `.ckpt`; a `.ckpt`
-    is read without running code from it unless `trust_pickle=True` (see `fpmgm_hf.checkpoint_pickle`)."""
+    is read without running code from it unless `trust_pickle=True` (see `fpmgm_hf.conversion.checkpoint_pickle`)."""
     source = str(path_or_repo_id)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -439,7 +439,7 @@ def load_mdlm_checkpoint(
             with; default) instead of `ckpt['state_dict']`. Hub weights are a single set and ignore it.
         trust_pickle: UNSAFE. Read a `.ckpt` with full unpickling, which runs any code the file contains. By
             default only tensors, plain containers and Lightning's config / tokenizer objects are read (as inert
-            stand-ins, `fpmgm_hf.checkpoint_pickle`), and any other Python global is refused by name.
+            stand-ins, `fpmgm_hf.conversion.checkpoint_pickle`), and any other Python global is refused by name.
         config_overrides: [`FPMGMConfig`] fields overriding the checkpoint's config (a `.ckpt` without
             `hyper_parameters['config']` is configured from tensor shapes plus these).
 

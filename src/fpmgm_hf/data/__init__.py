@@ -23,7 +23,7 @@ _JSON_SUFFIXES = (".json", ".jsonl")
 
 def load_training_tokenizer(name_or_path: Optional[str] = None, trust_remote_code: bool = False):
     """A fast tokenizer with a mask token: a local folder (from `save_pretrained`), else a name resolved by
-    `fpmgm_hf.assets.load_tokenizer` (default "gpt2" with [MASK] appended, offline fallback). A folder whose
+    `fpmgm_hf.data.assets.load_tokenizer` (default "gpt2" with [MASK] appended, offline fallback). A folder whose
     tokenizer is its own Python code (`auto_map`) is refused unless `trust_remote_code=True`
     (`--trust-remote-code`), which runs that code."""
     if name_or_path and (os.sep in name_or_path or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):

@@ -8,7 +8,7 @@ pinned sha256 where we know it, converted if useful, and written atomically into
 (``$FPMGM_ASSETS`` or ``~/.cache/fpmgm_hf/assets``). Every fetch prints one progress line, and every fallback
 away from the Hub is logged as a warning, never silent.
 
-Command line: ``python -m fpmgm_hf.assets [names...]`` (no names: all of them).
+Command line: ``python -m fpmgm_hf.data.assets [names...]`` (no names: all of them).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def cache_dir() -> Path:
 
 def _progress(msg: str) -> None:
     # tqdm.write keeps the line readable when a tqdm bar is active elsewhere; stderr so stdout stays clean.
-    tqdm.write(f"[fpmgm_hf.assets] {msg}", file=sys.stderr)
+    tqdm.write(f"[fpmgm_hf.data.assets] {msg}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -437,8 +437,8 @@ def fetch_all(names: Iterable[str] | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m fpmgm_hf.assets [names...]``; prints the cached path of each asset."""
-    parser = argparse.ArgumentParser(prog="python -m fpmgm_hf.assets", description=__doc__.splitlines()[0])
+    """CLI: ``python -m fpmgm_hf.data.assets [names...]``; prints the cached path of each asset."""
+    parser = argparse.ArgumentParser(prog="python -m fpmgm_hf.data.assets", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="name", help=f"default: all of {', '.join(ASSET_NAMES)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

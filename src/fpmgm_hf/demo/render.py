@@ -1,5 +1,5 @@
 """Drawing for the Gradio demo (`app.py`): text canvases and the status line as HTML, the solver plot, the results
-table and image grids. Pure functions of a run's tensors and numbers (`fpmgm_hf.demo_app` produces them)."""
+table and image grids. Pure functions of a run's tensors and numbers (`fpmgm_hf.demo.app` produces them)."""
 
 from __future__ import annotations
 

@@ -126,12 +126,13 @@ def measure_contract(model, blocks: Tensor, *, seq_len: int, budget: int = 768, 
 
 
 def main(argv=None) -> int:
-    """`python -m fpmgm_hf.evaluation.stability MODEL`: does a trained FP-MGM keep the stability contract? Exit 1 if not."""
+    """`python -m fpmgm_hf.evaluation.stability MODEL`: does a trained FP-MGM keep the stability contract?
+    Exit 1 if not."""
     import argparse
     import json
 
-    from ..data.assets import atomic_write
     from ..data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
+    from ..data.assets import atomic_write
     from ..modeling_fpmgm import FPMGMForMaskedGeneration
 
     p = argparse.ArgumentParser(description=main.__doc__)

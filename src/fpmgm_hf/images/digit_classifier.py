@@ -2,7 +2,7 @@
 (the share of samples classified as the class they were asked for) and a Fréchet distance in its penultimate
 feature space (cheap enough for every sweep point, unlike Inception).
 
-    from fpmgm_hf.digit_classifier import train_classifier, load_classifier
+    from fpmgm_hf.images.digit_classifier import train_classifier, load_classifier
     model, summary = train_classifier(train_images, train_labels, test_images, test_labels, out_dir="clf")
     acc = (model.predict(images) == labels).float().mean()
     feats = model.features(images)                 # (N, 64), for fid_from_features

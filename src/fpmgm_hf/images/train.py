@@ -1,11 +1,11 @@
 """Class-conditional image training (FP-MaskGIT / MaskGIT) on VQ token grids, with the machinery of `train.py`.
 
-    python -m fpmgm_hf.image_train --data mnist --preset fp-maskgit-tiny --max-steps 2000 --out runs/img-fp
-    python -m fpmgm_hf.train --modality image --data mnist --preset maskgit-tiny-12 --out runs/img-12
-    python -m fpmgm_hf.image_train --from runs/img-fp/final --data mnist --consistency-weight 0.1 \
+    python -m fpmgm_hf.images.train --data mnist --preset fp-maskgit-tiny --max-steps 2000 --out runs/img-fp
+    python -m fpmgm_hf.training.train --modality image --data mnist --preset maskgit-tiny-12 --out runs/img-12
+    python -m fpmgm_hf.images.train --from runs/img-fp/final --data mnist --consistency-weight 0.1 \
         --consistency-warmup 200 --max-steps 3000 --out runs/img-cofre          # CoFRe consistency stage
 
-Data: a `.npz` from `python -m fpmgm_hf.vq encode` (`tokens` uint16 (N, rows, cols), `labels` int64 (N,)), or
+Data: a `.npz` from `python -m fpmgm_hf.images.vq encode` (`tokens` uint16 (N, rows, cols), `labels` int64 (N,)), or
 `mnist` / `fashion_mnist`, meaning `outputs/vq/codes/<name>_train.npz` (validation: `<name>_test.npz`). Tokens
 are flattened row-major to `rows*cols` ids; the model's vocabulary is `codebook_size + 1` with the mask id
 `codebook_size`. The loss is MaskGIT's masked cross-entropy (`objectives.maskgit_loss`) with label dropout
@@ -156,7 +156,7 @@ def resolve_data(spec: str, val_spec: Optional[str] = None) -> tuple[Path, Optio
         train = _find(f"outputs/vq/codes/{spec}_train.npz")
         if train is None:
             raise ValueError(f"--data {spec!r}: outputs/vq/codes/{spec}_train.npz not found; create it with "
-                             f"`python -m fpmgm_hf.vq encode --dataset {spec} --split train ...`.")
+                             f"`python -m fpmgm_hf.images.vq encode --dataset {spec} --split train ...`.")
     else:
         train = Path(spec)
         if not train.is_file():
@@ -360,7 +360,7 @@ def main(argv: Optional[list[str]] = None, *, log_with=()) -> str:
         n_val = min(max(1, math.ceil(args.val_fraction * len(rows))), len(rows) - 1)
         train_rows, val_rows = rows[:-n_val], rows[-n_val:]
     accelerator = make_accelerator(args, log_with)
-    with output_lock(args.out, accelerator):  # one run per --out (see fpmgm_hf.runlock)
+    with output_lock(args.out, accelerator):  # one run per --out (see fpmgm_hf.training.runlock)
         return _train_images(args, accelerator, info, vq_dir, train_rows, val_rows, num_classes)
 
 

@@ -1,9 +1,9 @@
 """VQ-VAE image tokenizer for FP-MaskGIT: Auto registration, training, evaluation and a CLI.
 
 ```
-python -m fpmgm_hf.vq train  --dataset mnist --steps 2000 --out outputs/vq/mnist
-python -m fpmgm_hf.vq encode --model outputs/vq/mnist --dataset mnist --split train --out codes.npz
-python -m fpmgm_hf.vq eval   --model outputs/vq/mnist --dataset mnist --split test
+python -m fpmgm_hf.images.vq train  --dataset mnist --steps 2000 --out outputs/vq/mnist
+python -m fpmgm_hf.images.vq encode --model outputs/vq/mnist --dataset mnist --split train --out codes.npz
+python -m fpmgm_hf.images.vq eval   --model outputs/vq/mnist --dataset mnist --split test
 ```
 
 The `.npz` written by `encode` holds `tokens` (uint16 `(N, rows, cols)`, ids in [0, codebook_size)), `labels`
@@ -288,7 +288,7 @@ def _write_npz(path: Path, **arrays) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpmgm_hf.vq", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fpmgm_hf.images.vq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a VQ-VAE tokenizer and save it with save_pretrained")
     tr.add_argument("--dataset", choices=DATASETS, default="mnist")

@@ -167,7 +167,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, opt)
-        # Not registered with Accelerate: it would pickle the EMA (see fpmgm_hf.trainer_state).
+        # Not registered with Accelerate: it would pickle the EMA (see fpmgm_hf.training.trainer_state).
         self.ema = EMA(accelerator.unwrap_model(self.model), args.ema) if args.ema else None
         rank, world = accelerator.process_index, accelerator.num_processes
         self.sampler = BlockSampler(len(train_blocks), args.batch_size * world, rank, args.batch_size, args.seed)

@@ -1,8 +1,8 @@
 """Train an MDLM or FP-MDLM text model with Accelerate, and run the CoFRe consistency stage.
 
-    python -m fpmgm_hf.train --data shakespeare --preset fp-mdlm-tiny --seq-len 128 --max-steps 2000 --out runs/fp
-    accelerate launch --num_processes 2 -m fpmgm_hf.train --data corpus.jsonl --preset mdlm-small --out runs/m
-    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m fpmgm_hf.train ...   # 2 CPU processes
+    fpmgm-train --data shakespeare --preset fp-mdlm-tiny --seq-len 128 --max-steps 2000 --out runs/fp
+    accelerate launch --num_processes 2 -m fpmgm_hf.training.train --data corpus.jsonl --preset mdlm-small --out runs/m
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m fpmgm_hf.training.train ...   # 2 CPU processes
     fpmgm-train --from runs/fp/final --data shakespeare --consistency-weight 0.1 --consistency-warmup 500 \
         --stop-ppl-rise 0.15 --max-steps 3000 --out runs/fp-cofre
 
@@ -28,7 +28,7 @@ import torch
 
 from ..data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
 from .export import export
-from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.train` had before the loop moved out)
+from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.training.train` had before the loop moved out)
     EMA,
     RESUME_KEYS,
     STATE_FILE,
