@@ -129,8 +129,7 @@ def train_cmd(name: str, args, out: Path) -> tuple[list, Path]:
     else:
         argv += ["--from", str(out / slug(base) / "final"), "--lr", str(args.lr / 2), "--consistency-weight", "0.1",
                  "--consistency-warmup", str(max(1, steps // 4)), "--stop-ppl-rise", "0.15"]
-    if any((run / "checkpoints").glob("step_*")):
-        argv += ["--resume", "latest"]
+    argv += ["--resume", "latest"]  # continues from a checkpoint when there is one
     return [sys.executable, str(Path(__file__).resolve()), "_train", str(run / "train_report.json"), *argv], run
 
 

@@ -113,8 +113,7 @@ def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=
         cmd += ["--config", cfg]
     else:
         cmd += ["--from", init_from]
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
-        cmd += ["--resume", "latest"]
+    cmd += ["--resume", "latest"]  # continues from a checkpoint when there is one
     return cmd + list(extra)
 
 

@@ -29,10 +29,12 @@ def benches(trained: str | None) -> list[tuple[str, str, list[str]]]:
     """(key, title, argv after the interpreter)."""
     out = [
         ("params", "Parameter counts (MDLM-small sizes)", ["bench/param_count.py"]),
+        # One thread: at two, two identical MDLMs already differ by 2-7% (the A/A column), as large as the effect.
         ("speed", "Generation time per block pass, constrained injection (the default)",
-         ["bench/generate_speed.py", "--injection", "constrained", "--repeats", "7"]),
+         ["bench/generate_speed.py", "--injection", "constrained", "--repeats", "15", "--threads", "1"]),
         ("speed", "Generation time per block pass, concat_mlp injection (the paper's map)",
-         ["bench/generate_speed.py", "--injection", "concat_mlp", "--no-savings", "--repeats", "7"]),
+         ["bench/generate_speed.py", "--injection", "concat_mlp", "--no-savings", "--repeats", "15",
+          "--threads", "1"]),
         ("train", "Training cost, GPT-2 vocabulary (50,258)",
          ["bench/train_cost.py", "--hidden", "256", "--heads", "4", "--seq-len", "128", "--batch", "8",
           "--steps", "6"]),

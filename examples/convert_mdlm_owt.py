@@ -48,7 +48,6 @@ def main(argv=None):
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --batch-size x processes "
                          f"= {args.batch_size} x {procs}.")
     convert = load_converter()
-    work = Path(args.output + ".work")
     cli = ["--mdlm", args.mdlm, "--tokenizer", args.tokenizer, "--map", args.map, "--layers", "1/1/1",
            "--data", args.data, "--seq-len", str(args.seq_len), "--max-train-blocks", str(args.max_train_blocks),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -62,8 +61,7 @@ def main(argv=None):
                 "--consistency-steps", str(args.consistency_steps), "--stop-ppl-rise", "0.15"]
     if args.push_to_hub:
         cli += ["--push-to-hub", args.push_to_hub]
-    if work.is_dir() and any(work.glob("*/checkpoints/step_*")):
-        cli += ["--resume", "latest"]
+    cli += ["--resume", "latest"]  # preempted? the same command continues from the last checkpoint
     return convert.main(cli + extra)
 
 

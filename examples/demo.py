@@ -70,9 +70,8 @@ def train_teacher(out: Path, args) -> None:
            "--config", str(cfg), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--max-steps", str(args.steps), "--lr", "1e-3", "--warmup-steps", str(min(100, args.steps // 5)),
            "--eval-every", str(max(100, args.steps // 5)), "--eval-batches", "8",
-           "--save-every", str(args.save_every), "--seed", str(args.seed), "--out", str(out / "mdlm")]
-    if any((out / "mdlm" / "checkpoints").glob("step_*")):
-        cmd += ["--resume", "latest"]
+           "--save-every", str(args.save_every), "--seed", str(args.seed), "--out", str(out / "mdlm"),
+           "--resume", "latest"]  # continues from a checkpoint when there is one
     stage("train MDLM (6 layers)", out, (out / "mdlm" / "final" / "config.json").exists(), cmd)
 
 

@@ -29,8 +29,7 @@ def stage(argv: list[str], out: Path) -> Path:
     """Run one fpmgm-train stage unless it finished; resume it if it was interrupted."""
     if (out / "final" / "config.json").exists():
         return out / "final"
-    if any((out / "checkpoints").glob("step_*")):
-        argv += ["--resume", "latest"]
+    argv += ["--resume", "latest"]  # continues from a checkpoint when there is one
     print("fpmgm-train " + " ".join(argv), flush=True)
     return Path(train.main(argv))
 

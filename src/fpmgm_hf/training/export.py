@@ -10,6 +10,8 @@ import os
 import shutil
 from typing import Optional
 
+from accelerate.utils import DistributedType
+
 from ..hub import push_folder, render_model_card
 from ..validation_fpmgm import write_manifest
 from .lora import is_peft, save_with_adapter
@@ -18,11 +20,12 @@ CARD_SETTINGS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup_st
                  "consistency_weight", "consistency_warmup", "lora_r", "lora_alpha")
 
 
-def save_model(model, folder: str, *, keep_adapter: bool, base_name_or_path: str):
+def save_model(model, folder: str, *, keep_adapter: bool, base_name_or_path: str, state_dict=None):
     """Save `model` into `folder` and return the plain model that was written: a LoRA model is merged, or with
-    `keep_adapter` written as base weights + adapter (`training.lora.save_with_adapter`)."""
+    `keep_adapter` written as base weights + adapter (`training.lora.save_with_adapter`). `state_dict`: the
+    gathered weights of a sharded (FSDP) run."""
     if not is_peft(model):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
         return model
     if keep_adapter:
         base = model.get_base_model()
@@ -73,6 +76,10 @@ def export(trainer, kind: str = "text", card_fields: Optional[dict] = None) -> s
     acc, a = trainer.acc, trainer.args
     acc.wait_for_everyone()
     path = os.path.join(a.out, "final")
+    # FSDP holds each rank's shard only: every rank takes part in gathering the full weights (an EMA or LoRA
+    # export under FSDP is not covered: neither was run sharded here).
+    sharded = acc.distributed_type == DistributedType.FSDP and trainer.ema is None
+    full_state = acc.get_state_dict(trainer.model) if sharded else None
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
         if trainer.ema is not None:
@@ -81,7 +88,8 @@ def export(trainer, kind: str = "text", card_fields: Optional[dict] = None) -> s
         shutil.rmtree(tmp, ignore_errors=True)
         keep = bool(getattr(a, "keep_adapter", False))
         plain = save_model(model, tmp, keep_adapter=keep,
-                           base_name_or_path=getattr(a, "push_to_hub", None) or os.path.abspath(path))
+                           base_name_or_path=getattr(a, "push_to_hub", None) or os.path.abspath(path),
+                           state_dict=full_state)
         trainer.tokenizer.save_pretrained(tmp)
         model_card(trainer, plain, kind, path, adapter=keep,
                    **(card_fields or {})).save(os.path.join(tmp, "README.md"))
