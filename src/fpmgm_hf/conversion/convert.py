@@ -23,7 +23,6 @@ code from it (`--trust-pickle` to override, unsafe), and a `--tokenizer` folder'
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..data import DATA_HELP, WRAPS, add_data_arguments
 
 VERIFY_TEXT = (
     "The cat sat on the mat and the dog ran far away. It was a very good day for all of us, and we "
@@ -75,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="UNSAFE: let a --tokenizer folder run its own Python code (an auto_map entry)")
     p.add_argument("--data", default=None,
-                   help="text for verification and fine-tuning: a Hub dataset name (streamed, 'train' split, "
-                        "e.g. openwebtext), comma-separated local .txt/.jsonl files, or a bundled corpus "
-                        "(shakespeare, kjv); default: a built-in paragraph for verification only")
+                   help="text for verification and fine-tuning, read as fpmgm-train reads it (docs/data.md): "
+                        f"{DATA_HELP} ('train' split, e.g. openwebtext); default: a built-in paragraph for "
+                        "verification only")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Hub records")
+    p.add_argument("--wrap", choices=("auto",) + WRAPS, default="auto",
+                   help="block framing: 'bos_eos' = MDLM's [BOS] + (seq_len - 2) tokens + [EOS], 'none' = plain "
+                        "seq_len cuts (fpmgm-train's default); 'auto': bos_eos when the tokenizer has BOS and EOS")
+    add_data_arguments(p, streaming_default=None)
     p.add_argument("--seq-len", type=int, default=None,
                    help="training / verification block length (default: the model's max_position_embeddings)")
     p.add_argument("--verify-batch", type=int, default=4, help="blocks in the verification batch")
@@ -194,73 +199,52 @@ def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int, trust
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _texts(spec: str, text_field: str):
-    """An iterator over documents: bundled corpus, local files, or a streamed Hub dataset."""
-    if spec in ("shakespeare", "kjv"):
-        from ..data import load_texts
-
-        yield from load_texts(spec, text_field=text_field)
-        return
-    files = [f.strip() for f in spec.split(",") if f.strip()]
-    if all(os.path.isfile(f) for f in files):
-        for name in files:  # local files are read directly (no `datasets` import)
-            with open(name, encoding="utf-8") as fh:
-                if name.endswith((".json", ".jsonl")):
-                    for line in fh:
-                        if line.strip():
-                            yield json.loads(line)[text_field]
-                else:
-                    yield from (doc for doc in fh.read().split("\n\n") if doc.strip())
-        return
-    import datasets
-
-    for record in datasets.load_dataset(spec, split="train", streaming=True):
-        yield record[text_field]
+def block_wrap(args, tokenizer, seq_len: int) -> str:
+    """`--wrap`, with 'auto' resolved: MDLM's BOS/EOS framing when the tokenizer has both tokens."""
+    if args.wrap != "auto":
+        return args.wrap
+    has_both = tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None
+    return "bos_eos" if has_both and seq_len > 2 else "none"
 
 
-def token_blocks(texts, tokenizer, seq_len: int):
-    """Wrap documents into blocks of `seq_len` tokens as MDLM does: each document + EOS, concatenated, and
-    cut into `[BOS] + (seq_len - 2) tokens + [EOS]` (plain `seq_len` cuts without BOS/EOS tokens)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    wrap = bos is not None and eos is not None and seq_len > 2
-    body = seq_len - 2 if wrap else seq_len
-    buf: list[int] = []
-    for text in texts:
-        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            buf.append(eos)
-        while len(buf) >= body:
-            chunk, buf = buf[:body], buf[body:]
-            yield torch.tensor(([bos] + chunk + [eos]) if wrap else chunk, dtype=torch.long)
+def data_blocks(args, tokenizer, seq_len: int, max_blocks: Optional[int] = None) -> torch.Tensor:
+    """`(N, seq_len)` blocks of --data by the rule fpmgm-train uses (`fpmgm_hf.data.load_blocks`), framed by
+    `block_wrap`; Hub datasets are streamed unless --no-streaming. `max_blocks` stops early."""
+    from ..data import is_hub_dataset, load_blocks
+
+    streaming = is_hub_dataset(args.data) if args.streaming is None else args.streaming
+    return load_blocks(args.data, tokenizer, seq_len, text_field=args.text_field,
+                       wrap=block_wrap(args, tokenizer, seq_len), streaming=streaming, num_proc=args.num_proc,
+                       cache_dir=args.data_cache_dir, max_blocks=max_blocks)
 
 
-def verification_batch(args, tokenizer, seq_len: int) -> torch.Tensor:
+def verification_batch(args, tokenizer, seq_len: int, state) -> torch.Tensor:
     """`(verify_batch, length)` clean tokens: with --data its first blocks (never trained on), else the
     built-in paragraph repeated."""
     length = args.verify_length or seq_len
     if args.data:
-        blocks = token_blocks(_texts(args.data, args.text_field), tokenizer, length)
-        rows = list(itertools.islice(blocks, args.verify_batch))
-        if len(rows) < args.verify_batch:
+        with state.main_process_first():
+            blocks = data_blocks(args, tokenizer, length, max_blocks=args.verify_batch)
+        if len(blocks) < args.verify_batch:
             raise ValueError(f"--data {args.data!r} is too small for {args.verify_batch} blocks of {length} tokens.")
-        return torch.stack(rows)
+        return blocks
     ids = tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"]
     reps = -(-length * args.verify_batch // max(len(ids), 1))
     flat = torch.tensor((ids * reps)[: length * args.verify_batch], dtype=torch.long)
     return flat.view(args.verify_batch, length)
 
 
-def split_data(args, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_data(args, tokenizer, seq_len: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """`(train, val)` blocks of `seq_len` tokens from --data, in memory (the Trainer's deterministic sampler
     draws batches by index, which makes `--resume` exact). The first max(--val-blocks, verification blocks)
     blocks are held out; validation is the first --val-blocks of them."""
     held = max(args.val_blocks, args.verify_batch if (args.verify_length or seq_len) == seq_len else 0)
     limit = None if args.max_train_blocks is None else held + args.max_train_blocks
-    rows = list(itertools.islice(token_blocks(_texts(args.data, args.text_field), tokenizer, seq_len), limit))
-    if len(rows) <= held:
-        raise ValueError(f"--data {args.data!r} yields {len(rows)} blocks of {seq_len} tokens, not more than the "
+    with accelerator.main_process_first():
+        blocks = data_blocks(args, tokenizer, seq_len, max_blocks=limit)
+    if len(blocks) <= held:
+        raise ValueError(f"--data {args.data!r} yields {len(blocks)} blocks of {seq_len} tokens, not more than the "
                          f"{held} held out for validation.")
-    blocks = torch.stack(rows)
     return blocks[held:], blocks[: args.val_blocks]
 
 
@@ -429,7 +413,7 @@ def convert(args, state, output: Path) -> int:
                 f"in {time.time() - t0:.1f}s")
     tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size, cfg.mask_token_id, args.trust_remote_code)
     seq_len = args.seq_len or cfg.max_position_embeddings
-    x_val = verification_batch(args, tokenizer, seq_len)
+    x_val = verification_batch(args, tokenizer, seq_len, state)
 
     cka = None
     mapping = args.map
@@ -459,7 +443,7 @@ def convert(args, state, output: Path) -> int:
         accum = {} if args.grad_accum is None else {"gradient_accumulation_steps": args.grad_accum}
         project = ProjectConfiguration(project_dir=str(work), total_limit=args.save_total_limit)
         accelerator = Accelerator(log_with=parse_report_to(args.report_to) or None, project_config=project, **accum)
-        train_blocks, val_blocks = split_data(args, tokenizer, seq_len)
+        train_blocks, val_blocks = split_data(args, tokenizer, seq_len, accelerator)
         _say(state, f"[train] {train_blocks.shape[0]} training / {val_blocks.shape[0]} validation blocks of "
                     f"{seq_len} tokens; logs and checkpoints in {work}")
         student, summary = finetune(
@@ -476,7 +460,8 @@ def convert(args, state, output: Path) -> int:
                 "consistency_weight", "consistency_warmup", "consistency_steps", "stop_ppl_rise", "lora_r")
         report["training"] = {k: getattr(args, k) for k in keys}
         report["training"].update(processes=state.num_processes, grad_accum=accelerator.gradient_accumulation_steps,
-                                  train_blocks=int(train_blocks.shape[0]), seq_len=seq_len, work_dir=str(work))
+                                  train_blocks=int(train_blocks.shape[0]), seq_len=seq_len, work_dir=str(work),
+                                  wrap=block_wrap(args, tokenizer, seq_len))
         report["finetune"] = summary
         student = student.to(state.device)
         report["verify_after"] = verify(state, teacher, student, x_val, tokenizer, args)

@@ -1,6 +1,6 @@
-"""Text data for training: load texts (local files, a Hub dataset, or a bundled corpus), tokenise, pack
-into fixed-length blocks with EOS separators, split train / validation, and iterate over batches in a
-seeded, resumable order.
+"""Text data for training: documents from local files, a Hub dataset or a bundled corpus, tokenised and packed
+into fixed-length blocks through `datasets` (`fpmgm_hf.data.pipeline`, the rules in docs/data.md), split
+train / validation, and iterated over in a seeded, resumable order.
 """
 
 from __future__ import annotations
@@ -12,10 +12,23 @@ from typing import Optional
 
 import torch
 
+from .pipeline import (  # noqa: F401  (the data path's public names live here too)
+    BUNDLED_CORPORA,
+    DATA_HELP,
+    WRAPS,
+    add_data_arguments,
+    blocks_tensor,
+    is_hub_dataset,
+    load_blocks,
+    load_documents,
+    load_texts,
+    pack_blocks,
+    pack_tokens,
+    separator_id,
+    tokenize_documents,
+)
+
 Tensor = torch.Tensor
-BUNDLED_CORPORA = ("shakespeare", "kjv")
-_TEXT_SUFFIXES = (".txt", ".text", ".md")
-_JSON_SUFFIXES = (".json", ".jsonl")
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -56,62 +69,7 @@ def auto_tokenizer(folder: str, trust_remote_code: bool = False):
                          "(trust_remote_code=True).") from err
 
 
-# ----------------------------------------------------------------------------------------------- texts
-
-
-def _files(spec: str) -> list[str]:
-    return [p.strip() for p in spec.split(",") if p.strip()]
-
-
-def _looks_like_path(spec: str) -> bool:
-    return any(os.sep in p or p.endswith(_TEXT_SUFFIXES + _JSON_SUFFIXES) for p in _files(spec))
-
-
-def load_texts(spec: str, text_field: str = "text") -> list[str]:
-    """Documents of `spec`: "shakespeare" / "kjv" (bundled), comma-separated local .txt / .jsonl files
-    (JSON records read from `text_field`), or a Hub dataset name (its "train" split)."""
-    if spec in BUNDLED_CORPORA:
-        from .assets import load_text_corpus
-
-        lines = load_text_corpus(spec)
-        # Verses and verse lines are too short to be documents: keep newlines, put an EOS every 32 lines.
-        return ["\n".join(lines[i:i + 32]) for i in range(0, len(lines), 32)]
-    import datasets
-
-    if _looks_like_path(spec):
-        paths = _files(spec)
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f"--data: file(s) not found: {missing}.")
-        kinds = {"json" if p.endswith(_JSON_SUFFIXES) else "text" for p in paths}
-        if len(kinds) > 1:
-            raise ValueError(f"--data mixes text and JSON files ({paths}); give one kind at a time.")
-        ds = datasets.load_dataset(kinds.pop(), data_files=paths, split="train")
-    else:
-        ds = datasets.load_dataset(spec, split="train")
-    if text_field not in ds.column_names:
-        raise ValueError(f"dataset {spec!r} has no {text_field!r} field; columns: {ds.column_names}.")
-    return [t for t in ds[text_field] if t]
-
-
-# ------------------------------------------------------------------------------------------------- packing
-
-
-def pack_blocks(texts: list[str], tokenizer, seq_len: int, chunk: int = 1000) -> Tensor:
-    """Tokenise every text, append EOS after each, concatenate and cut into (N, seq_len) blocks
-    (the incomplete tail is dropped). Raises ValueError when that leaves no block."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has neither an EOS nor a SEP token to separate documents.")
-    stream: list[int] = []
-    for start in range(0, len(texts), chunk):
-        for ids in tokenizer(texts[start:start + chunk], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"the dataset is empty: {len(stream)} tokens, fewer than one block of --seq-len {seq_len}.")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+# ------------------------------------------------------------------------------------------------- blocks
 
 
 def split_blocks(blocks: Tensor, val_fraction: float = 0.05) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """The engine behind `app.py`, the Gradio demo (docs/space.md): load models, check the page's fields, and run
-`generate` in a worker thread while yielding the canvas after every step (`demo_render` draws them).
+`generate` in a worker thread while yielding the canvas after every step (`demo.render` draws them).
 
 Gradio-free, so the tests drive it directly; `app.py` only lays out the page. The only state is the models a
 `DemoModels` holds: every run gets its own seeded `torch.Generator`, queue and worker thread.

@@ -124,14 +124,14 @@ def _load_checkpoint(path: Path, model, opt) -> dict:
 
 def train_reference_lm(args) -> str:
     """Train (or resume) the reference LM; returns the folder of the best weights."""
-    from ..data import BlockSampler, load_texts, load_training_tokenizer, pack_blocks, split_blocks
+    from ..data import BlockSampler, load_blocks, load_training_tokenizer, split_blocks
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_training_tokenizer(args.tokenizer)
-    train, val = split_blocks(pack_blocks(load_texts(args.data), tokenizer, args.seq_len), args.val_fraction)
+    train, val = split_blocks(load_blocks(args.data, tokenizer, args.seq_len), args.val_fraction)
     train, val = _with_bos(train, tokenizer.bos_token_id), _with_bos(val, tokenizer.bos_token_id)
     model = build_lm(tokenizer, args).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.99))

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    from ..data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
+    from ..data import load_blocks, load_training_tokenizer, split_blocks
     from ..data.assets import atomic_write
     from ..modeling_fpmgm import FPMGMForMaskedGeneration
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         p.error(f"{args.model!r} has no fixed-point block (num_fp_layers=0): nothing to check")
     seq_len = args.seq_len or model.config.max_position_embeddings
     tok = load_training_tokenizer(args.tokenizer or args.model)
-    _, val = split_blocks(pack_blocks(load_texts(args.data), tok, seq_len), 0.05)
+    _, val = split_blocks(load_blocks(args.data, tok, seq_len), 0.05)
     result = measure_contract(model, val[: args.blocks], seq_len=seq_len, budget=args.budget, seed=args.seed)
     for rate, row in result["profile"].items():
         res = " / ".join(f"{row['residual'][k]:.2g}" for k in sorted(row["residual"], key=int))

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..data import load_texts, load_training_tokenizer, pack_blocks, split_blocks
+from ..data import DATA_HELP, WRAPS, add_data_arguments, load_blocks, load_training_tokenizer, split_blocks
 from .export import export
 from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.training.train` had before the loop moved out)
     EMA,
@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--modality", choices=["text", "image"], default="text",
       help="'image' trains class-conditional FP-MaskGIT on VQ token grids (see fpmgm_hf.images.train).")
-    a("--data", required=True,
-      help="'shakespeare', 'kjv', comma-separated local .txt/.jsonl files, or a Hub dataset name.")
+    a("--data", required=True, help=DATA_HELP + " (docs/data.md).")
     a("--text-field", default="text", help="Field holding the text in JSON(L) files and Hub datasets.")
+    a("--wrap", choices=WRAPS, default="none",
+      help="'bos_eos': MDLM's [BOS] + (seq_len - 2) tokens + [EOS] blocks instead of plain seq_len cuts.")
+    add_data_arguments(p)
     a("--tokenizer", default=None,
       help="Tokenizer folder or name (default: gpt2 with [MASK]; with --from, that folder's tokenizer).")
     a("--out", required=True, help="Output folder: log.jsonl, checkpoints/step_N, final/.")
@@ -142,13 +144,11 @@ def build_model(args, tokenizer):
 
 
 def prepare_data(args, tokenizer, accelerator):
+    """`(train, val)` blocks of --data (`fpmgm_hf.data.load_blocks`): the main process tokenises and fills the
+    `datasets` cache first, the other processes then read it."""
     with accelerator.main_process_first():
-        texts = load_texts(args.data, args.text_field)
-    if not texts:
-        raise ValueError(f"--data {args.data!r} holds no text.")
-    blocks = pack_blocks(texts, tokenizer, args.seq_len)
-    if int(blocks.max()) >= len(tokenizer):
-        raise ValueError(f"token id {int(blocks.max())} is outside the tokenizer's size {len(tokenizer)}.")
+        blocks = load_blocks(args.data, tokenizer, args.seq_len, text_field=args.text_field, wrap=args.wrap,
+                             streaming=args.streaming, num_proc=args.num_proc, cache_dir=args.data_cache_dir)
     return split_blocks(blocks, args.val_fraction)
 
 

@@ -1,0 +1,172 @@
+"""The one data path (`fpmgm_hf.data.pipeline`): what a document is, packing and wrapping, the `datasets` cache,
+streaming, and the same blocks in fpmgm-train and the converter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from fpmgm_hf.data import (
+    load_blocks,
+    load_documents,
+    pack_blocks,
+    pack_tokens,
+    tokenize_documents,
+    train_char_tokenizer,
+)
+
+PARAGRAPHS = ["the cat sat on the mat.\nit was a good day.", "a dog ran far away", "\nthree newlines before me",
+              "so it goes, and so on; the end of the story"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    text = "\n\n".join(PARAGRAPHS * 6) + "\n\n   \n\n"  # the whitespace-only paragraph is no document
+    (root / "a.txt").write_text(text)
+    (root / "b.txt").write_text("\n\n".join(reversed(PARAGRAPHS)) + "\n")
+    records = [{"id": i, "body": p, "text": "ignored"} for i, p in enumerate(PARAGRAPHS * 6)]
+    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    tok = train_char_tokenizer([text], str(root / "tok"))
+    return types.SimpleNamespace(root=root, txt=str(root / "a.txt"), txt2=str(root / "b.txt"),
+                                 jsonl=str(root / "a.jsonl"), tok=tok, cache=str(root / "cache"))
+
+
+def stream(tok, texts):
+    """The reference rule: every document's ids then EOS, concatenated."""
+    out = []
+    for t in texts:
+        out += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return torch.tensor(out)
+
+
+# ------------------------------------------------------------------------------------------ documents
+
+
+def test_a_txt_document_is_a_blank_line_separated_paragraph(corpus):
+    docs = load_documents(corpus.txt, cache_dir=corpus.cache)
+    assert docs.column_names == ["text"]
+    assert list(docs["text"]) == PARAGRAPHS * 6  # inner newlines kept, the blank paragraph dropped
+
+
+def test_json_documents_come_from_text_field(corpus):
+    docs = load_documents(corpus.jsonl, "body", cache_dir=corpus.cache)
+    assert list(docs["text"]) == PARAGRAPHS * 6
+    with pytest.raises(ValueError, match=r"--text-field 'missing'.*\['id', 'body', 'text'\]"):
+        load_documents(corpus.jsonl, "missing", cache_dir=corpus.cache)
+
+
+def test_clear_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"--data: file\(s\) not found.*shakespeare"):
+        load_documents(str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="--data mixes text and JSON"):
+        load_documents(f"{corpus.txt},{corpus.jsonl}")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n\n\n")
+    with pytest.raises(ValueError, match="holds no text"):
+        load_documents(str(blank), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="empty: fewer tokens than one block of --seq-len 4096"):
+        load_blocks(corpus.txt, corpus.tok, 4096, cache_dir=corpus.cache)
+    with pytest.raises(ValueError, match="--wrap must be one of"):
+        load_blocks(corpus.txt, corpus.tok, 16, wrap="mdlm", cache_dir=corpus.cache)
+    with pytest.raises(ValueError, match="--num-proc must be >= 1"):
+        load_blocks(corpus.txt, corpus.tok, 16, num_proc=0, cache_dir=corpus.cache)
+    no_bos = types.SimpleNamespace(bos_token_id=None, eos_token_id=1)
+    with pytest.raises(ValueError, match="--wrap bos_eos needs a tokenizer with BOS and EOS"):
+        pack_tokens(None, no_bos, 16, wrap="bos_eos")
+
+
+def test_unknown_hub_name_is_a_value_error_offline(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="--data 'no-such/dataset-xyz': not a bundled corpus"):
+        load_documents("no-such/dataset-xyz")
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def test_packing_rule_cuts_the_document_stream(corpus):
+    tok, seq_len = corpus.tok, 16
+    ids = stream(tok, PARAGRAPHS * 6)
+    n = len(ids) // seq_len  # the incomplete tail is dropped
+    blocks = load_blocks(corpus.txt, tok, seq_len, cache_dir=corpus.cache)
+    assert blocks.dtype == torch.long and torch.equal(blocks, ids[: n * seq_len].view(n, seq_len))
+    assert torch.equal(pack_blocks(PARAGRAPHS * 6, tok, seq_len), blocks)  # the in-memory entry: the same rule
+
+
+def test_bos_eos_wrapping_frames_every_block(corpus):
+    tok, seq_len = corpus.tok, 16
+    blocks = load_blocks(corpus.txt, tok, seq_len, wrap="bos_eos", cache_dir=corpus.cache)
+    assert blocks.shape[1] == seq_len
+    assert (blocks[:, 0] == tok.bos_token_id).all() and (blocks[:, -1] == tok.eos_token_id).all()
+    body = stream(tok, PARAGRAPHS * 6)
+    n = len(body) // (seq_len - 2)
+    assert torch.equal(blocks[:, 1:-1], body[: n * (seq_len - 2)].view(n, seq_len - 2))
+
+
+@pytest.mark.parametrize("wrap", ["none", "bos_eos"])
+def test_streaming_gives_the_same_blocks(corpus, wrap):
+    for spec, field in ((f"{corpus.txt},{corpus.txt2}", "text"), (corpus.jsonl, "body")):
+        kw = dict(text_field=field, wrap=wrap, cache_dir=corpus.cache)
+        eager = load_blocks(spec, corpus.tok, 12, **kw)
+        assert torch.equal(load_blocks(spec, corpus.tok, 12, streaming=True, **kw), eager)
+        assert torch.equal(load_blocks(spec, corpus.tok, 12, streaming=True, max_blocks=3, **kw), eager[:3])
+
+
+def test_blocks_do_not_depend_on_num_proc(corpus, tmp_path):
+    one = load_blocks(corpus.txt, corpus.tok, 16, cache_dir=str(tmp_path / "one"))
+    two = load_blocks(corpus.txt, corpus.tok, 16, num_proc=2, cache_dir=str(tmp_path / "two"))  # fresh: no reuse
+    assert torch.equal(two, one)
+
+
+def test_second_call_reads_the_cache(corpus, tmp_path):
+    cache = str(tmp_path / "cache")
+
+    def tokenized():
+        return tokenize_documents(load_documents(corpus.txt, cache_dir=cache), corpus.tok)
+
+    first = tokenized()
+    files = [f["filename"] for f in first.cache_files]
+    assert files and all(f.startswith(cache) for f in files)
+    stamps = {f: os.stat(f).st_mtime_ns for f in files}
+    arrows = sorted(p for p in os.listdir(os.path.dirname(files[0])) if p.endswith(".arrow"))
+    second = tokenized()
+    assert [f["filename"] for f in second.cache_files] == files  # the same file, not re-tokenised
+    assert {f: os.stat(f).st_mtime_ns for f in files} == stamps
+    assert sorted(p for p in os.listdir(os.path.dirname(files[0])) if p.endswith(".arrow")) == arrows
+    assert list(second["input_ids"]) == list(first["input_ids"])
+
+
+# ---------------------------------------------------------------------------- train and convert agree
+
+
+class _NoAccelerator:
+    main_process_first = staticmethod(contextlib.nullcontext)
+
+
+def test_train_and_converter_read_the_same_blocks(corpus):
+    from fpmgm_hf.conversion import convert
+    from fpmgm_hf.training import train
+
+    def train_blocks(*extra):
+        args = train.build_parser().parse_args(["--data", corpus.txt, "--out", "unused", "--seq-len", "16",
+                                                "--data-cache-dir", corpus.cache, *extra])
+        tr, val = train.prepare_data(args, corpus.tok, _NoAccelerator())
+        return torch.cat([tr, val])
+
+    def converter_blocks(*extra):
+        args = convert.build_parser().parse_args(["--mdlm", "unused", "--output", "unused", "--data", corpus.txt,
+                                                  "--data-cache-dir", corpus.cache, *extra])
+        return convert.data_blocks(args, corpus.tok, 16)
+
+    assert torch.equal(train_blocks(), converter_blocks("--wrap", "none"))
+    # The converter's default frames blocks as the MDLM teacher saw them (the tokenizer has BOS and EOS).
+    assert torch.equal(train_blocks("--wrap", "bos_eos"), converter_blocks())
+    assert torch.equal(train_blocks("--num-proc", "1", "--streaming"), train_blocks())
