@@ -120,8 +120,6 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     """Train a byte-level BPE on `texts` with `<|endoftext|>` (bos/eos/pad) and `[MASK]`, save it to `out_dir`
     (written to a temp folder, then renamed) and return it. For CPU-scale runs where GPT-2's 50k-token
     output layer would dominate the compute."""
-    import shutil
-    import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -137,13 +135,21 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.add_special_tokens({"mask_token": "[MASK]"})
+    _save_tokenizer(fast, out_dir)
+    return fast
+
+
+def _save_tokenizer(fast, out_dir: str) -> None:
+    """`fast.save_pretrained` into a temporary sibling folder, then renamed over `out_dir`: never half-written."""
+    import shutil
+    import tempfile
+
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
     fast.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return fast
 
 
 CHAR_SPECIALS = ("[UNK]", "<|endoftext|>", "[MASK]")
@@ -154,9 +160,6 @@ def train_char_tokenizer(texts: list[str], out_dir: Optional[str] = None):
     gives the same ids) plus `[UNK]`, `<|endoftext|>` (bos/eos/pad) and `[MASK]`. Decoding fuses the characters
     back without spaces. Saved to `out_dir` (temp folder, then renamed) when given, so `AutoTokenizer` loads it
     with no custom code."""
-    import shutil
-    import tempfile
-
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -172,10 +175,5 @@ def train_char_tokenizer(texts: list[str], out_dir: Optional[str] = None):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="[MASK]")
     if out_dir is not None:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
-        fast.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        _save_tokenizer(fast, out_dir)
     return fast
