@@ -379,6 +379,7 @@ def main(argv=None) -> int:
 
 
 def convert(args, state, output: Path) -> int:
+    from ..training.loop import check_rotation_and_adapter_args
     from .layer_mapping import map_layers
     from .mdlm_import import load_mdlm_checkpoint
 
@@ -388,10 +389,7 @@ def convert(args, state, output: Path) -> int:
     train = not args.dry_run and (args.steps > 0 or args.consistency_steps > 0)
     if args.consistency_steps > 0 and args.consistency_weight <= 0:
         raise ValueError("--consistency-steps needs --consistency-weight > 0.")
-    if args.keep_adapter and not args.lora_r:
-        raise ValueError("--keep-adapter keeps LoRA adapters: it needs --lora-r.")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise ValueError(f"--save-total-limit must be >= 1, got {args.save_total_limit}.")
+    check_rotation_and_adapter_args(args)
     if args.resume and not train:
         raise ValueError("--resume continues fine-tuning; it cannot be combined with --dry-run / --steps 0.")
     if train and not args.data:

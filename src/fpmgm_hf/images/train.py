@@ -121,15 +121,12 @@ def _strip_modality(argv: list[str]) -> list[str]:
 
 
 def _check_args(args) -> None:
-    for name in ("batch_size", "grad_accum", "max_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
     if not 0 <= args.label_dropout < 1:
         raise ValueError(f"--label-dropout must be in [0, 1), got {args.label_dropout}.")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}.")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}.")
     if args.config and args.init_from:

@@ -90,17 +90,27 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_loop_args(args) -> None:
     """The shared flags' values, each error naming its flag."""
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise ValueError(f"--save-total-limit must be >= 1, got {args.save_total_limit}.")
+    for name in ("grad_accum", "max_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
+    check_rotation_and_adapter_args(args)
     if args.lora_r < 0:
         raise ValueError(f"--lora-r must be >= 0, got {args.lora_r}.")
     if args.lora_r and not getattr(args, "init_from", None):
         raise ValueError("--lora-r trains adapters on a trained model: give --from FOLDER.")
-    if args.keep_adapter and not args.lora_r:
-        raise ValueError("--keep-adapter keeps LoRA adapters: it needs --lora-r.")
     if (args.private or args.revision) and not args.push_to_hub:
         raise ValueError("--private / --revision apply to --push-to-hub REPO_ID, which is missing.")
     parse_report_to(args.report_to)
+
+
+def check_rotation_and_adapter_args(args) -> None:
+    """`--save-total-limit` and `--keep-adapter`, flags fpmgm-train and the converter share."""
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise ValueError(f"--save-total-limit must be >= 1, got {args.save_total_limit}.")
+    if args.keep_adapter and not args.lora_r:
+        raise ValueError("--keep-adapter keeps LoRA adapters: it needs --lora-r.")
 
 
 def make_accelerator(args, log_with=()):

@@ -90,13 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+    for name in ("seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}.")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
     if args.config and args.init_from:
         raise ValueError("give either --config (a fresh model) or --from (a trained one), not both.")
     for flag, path in (("--config", args.config), ("--from", args.init_from)):
