@@ -6,24 +6,16 @@
 Run it on an otherwise idle machine: only ratios within one run compare.
 """
 
-import statistics
-import time
+from types import SimpleNamespace
 
 import torch
+from generate_speed import timed_pair  # the same interleaved, rotated timing as bench/generate_speed.py
 
 from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
 
 BASE = dict(vocab_size=1024, mask_token_id=1023, hidden_size=256, num_attention_heads=4, cond_dim=128,
             max_position_embeddings=128, dropout=0.0)
-
-
-def timed(model, **kwargs) -> float:
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(batch_size=8, seq_len=128, budget=96, num_steps=8, sampler="ancestral", use_cache=False,
-                       generator=g, **kwargs)
-    return time.perf_counter() - t0
+COMMON = dict(budget=96, num_steps=8, sampler="ancestral", use_cache=False)
 
 
 def main(repeats: int = 7) -> None:
@@ -36,18 +28,14 @@ def main(repeats: int = 7) -> None:
                                                 num_post_layers=0)).eval()
     cases = {"MDLM 12/0/0": (mdlm, {}), "FP-MDLM, no reuse": (fp, {"reuse": "none"}),
              "FP-MDLM, 3SR": (fp, {"reuse": "3sr"}), "FP-MDLM, 3SR, safety net off": (strict, {"reuse": "3sr"})}
-    times = {name: [] for name in cases}
-    for model, kwargs in cases.values():  # warm-up
-        timed(model, **kwargs)
-    for _ in range(repeats):
-        for name, (model, kwargs) in cases.items():
-            times[name].append(timed(model, **kwargs))
-    base = statistics.median(times["MDLM 12/0/0"])
+    medians, _ = timed_pair([m for m, _ in cases.values()], SimpleNamespace(batch=8, length=128), repeats,
+                            [dict(COMMON, **kw) for _, kw in cases.values()])
+    base = medians[0]
     print(f"width 256, length 128, batch 8, budget 96 = 8 steps, median of {repeats}, torch threads "
           f"{torch.get_num_threads()}")
     print("| setting | s per generate | ratio to MDLM |\n|---|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(values) / base:.3f} |")
+    for name, median in zip(cases, medians, strict=True):
+        print(f"| {name} | {median:.3f} | {median / base:.3f} |")
 
 
 if __name__ == "__main__":
