@@ -60,6 +60,9 @@ def parse_args(argv=None):
     a("--num-images", type=int, default=2000, help="samples per point (class-balanced)")
     a("--guidance", type=float, default=2.0)
     a("--seed", type=int, default=0)
+    a("--threads", type=int, default=1, help="torch threads for every stage (1 leaves the other core free)")
+    a("--parallel", action="store_true",
+      help="train MaskGIT and FP-MaskGIT at the same time (one thread each); default: one after the other")
     return p.parse_args(argv)
 
 
@@ -71,12 +74,12 @@ def stage_vq(args, out: Path) -> None:
     py = [sys.executable, "-m", "fpmgm_hf.images.vq"]
     if not (vq / "config.json").is_file():
         subprocess.run(py + ["train", "--dataset", args.data, "--steps", str(args.vq_steps), "--out", str(vq),
-                             "--seed", str(args.seed)], check=True, cwd=ROOT)
+                             "--seed", str(args.seed), "--threads", str(args.threads)], check=True, cwd=ROOT)
     for split in ("train", "test"):
         path = codes / f"{args.data}_{split}.npz"
         if not path.is_file():
             subprocess.run(py + ["encode", "--model", str(vq), "--dataset", args.data, "--split", split,
-                                 "--out", str(path)], check=True, cwd=ROOT)
+                                 "--out", str(path), "--threads", str(args.threads)], check=True, cwd=ROOT)
 
 
 def stage_classifier(args, out: Path) -> dict:
@@ -123,7 +126,8 @@ def train_cmd(name: str, args, out: Path) -> tuple[list, Path]:
     argv = ["--data", str(out / "codes" / f"{args.data}_train.npz"), "--vq", str(out / "vq"), "--out", str(run),
             "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--warmup-steps", "200",
             "--eval-every", str(max(100, steps // 6)), "--eval-batches", "20",
-            "--save-every", str(max(50, steps // 10)), "--threads", "1", "--cpu", "--max-steps", str(steps)]
+            "--save-every", str(max(50, steps // 10)), "--threads", str(args.threads), "--cpu",
+            "--max-steps", str(steps)]
     if preset:
         argv += ["--preset", preset, "--lr", str(args.lr)]
     else:
@@ -134,8 +138,9 @@ def train_cmd(name: str, args, out: Path) -> tuple[list, Path]:
 
 
 def stage_train(args, out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    for group in (["MaskGIT-12", "FP-MaskGIT 4/1/4"], ["FP-MaskGIT 4/1/4 + CoFRe"]):
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+    groups = [["MaskGIT-12", "FP-MaskGIT 4/1/4"]] if args.parallel else [["MaskGIT-12"], ["FP-MaskGIT 4/1/4"]]
+    for group in groups + [["FP-MaskGIT 4/1/4 + CoFRe"]]:
         procs = []
         for name in group:
             cmd, run = train_cmd(name, args, out)
@@ -296,7 +301,7 @@ def _write_readme(args, docs: Path, payload: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stage_vq(args, out)

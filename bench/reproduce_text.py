@@ -100,8 +100,9 @@ def arch(args, layers: tuple) -> dict:
             "num_fp_layers": layers[1], "num_post_layers": layers[2]}
 
 
-def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=None, extra=()) -> list:
-    """fpmgm-train on the character-level blocks; `layers` for a fresh model or `init_from` a trained one."""
+def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=None, extra=(), fields=None) -> list:
+    """fpmgm-train on the character-level blocks; `layers` (and config `fields`) for a fresh model or
+    `init_from` a trained one."""
     run_dir = out / name
     cmd = [PY, "-m", "fpmgm_hf.training.train", "--data", "shakespeare", "--tokenizer", out / "tokenizer",
            "--seq-len", args.seq_len, "--batch-size", args.batch, "--max-steps", steps, "--lr", args.lr,
@@ -109,7 +110,7 @@ def train_cmd(args, out: Path, name: str, steps: int, *, layers=None, init_from=
            "--eval-batches", 20, "--save-every", max(50, steps // 20), "--seed", args.seed, "--out", run_dir]
     if layers is not None:
         cfg = out / f"{name}.json"
-        cfg.write_text(json.dumps(arch(args, layers)))
+        cfg.write_text(json.dumps({**arch(args, layers), **(fields or {})}))
         cmd += ["--config", cfg]
     else:
         cmd += ["--from", init_from]
