@@ -6,15 +6,16 @@ decide each claim. One resumable command.
 
 Stages (a finished stage is skipped; training stages resume from their last checkpoint):
   tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
-  train      MDLM (--mdlm-layers explicit blocks) and FP-MDLM 1/1/1 at the same width, steps and batch, side by
-             side (so their time per step is compared under the same load)
+  train      MDLM (--mdlm-layers explicit blocks), its shallow twin (3 explicit blocks, as many distinct blocks as
+             FP-MDLM 1/1/1) and FP-MDLM 1/1/1 at the same width, steps and batch, on --workers slots
   post       the in-domain evaluator (a GPT-2-style character LM on the same training blocks); the consistency
              stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the same stage run 3x
              longer without the stop rule (entropy collapse); the MDLM converted with
              `accelerate launch conversion/convert.py` (distillation + consistency); FP-MDLM trained from scratch
              for as many steps as the conversion fine-tunes (conversion vs scratch at equal steps)
-  nelbo      held-out NELBO of every model on the same masks
-  contract   the stability contract (`python -m fpmgm_hf.evaluation.stability`) on every fixed-point model
+  nelbo      held-out NELBO of every model on the same masks (every FP model at 1, 2, 4, 8, 16 and 32 iterations)
+  contract   the stability contract (`python -m fpmgm_hf.evaluation.stability`) and the depth profile
+             (`python -m fpmgm_hf.evaluation.depth`) of every fixed-point model
   sweep      `fpmgm-eval sweep`: budgets 24..768, best step count per budget (pilots), reuse none/full/3sr,
              schedules decreasing/fixed, adaptive stopping, >= 128 samples per point, two evaluators
   report     docs/reproduction: results.json, README.md with the claims table (bench/repro_claims.py), plots
@@ -42,7 +43,9 @@ def parse_args(argv=None):
     a("--docs", default="docs/reproduction", help="where the published report goes ('' = nowhere)")
     a("--hidden", type=int, default=128, help="width of every masked model")
     a("--heads", type=int, default=4, help="attention heads")
-    a("--mdlm-layers", type=int, default=8, help="explicit blocks of the MDLM baseline")
+    a("--mdlm-layers", type=int, default=12, help="explicit blocks of the MDLM baseline (the paper's MDLM-12)")
+    a("--twin-layers", type=int, default=3, help="explicit blocks of the shallow twin (FP-MDLM's distinct blocks)")
+    a("--workers", type=int, default=2, help="stages run side by side (one thread each when 2 on 2 cores)")
     a("--seq-len", type=int, default=128, help="characters per block and per sample")
     a("--batch", type=int, default=32, help="blocks per training step")
     a("--steps", type=int, default=5000, help="pretraining steps of MDLM and FP-MDLM")
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     a("--fp-tol", type=float, default=1e-3, help="tolerance of the adaptive-stopping rows")
     a("--eval-lm", default="gpt2-large", help="the general evaluation LM (offline: the SmolLM2 fallback)")
     a("--seed", type=int, default=0, help="seed of every stage")
-    a("--only", choices=["tokenizer", "train", "post", "nelbo", "contract", "sweep", "report"],
+    a("--only", choices=["tokenizer", "train", "post", "nelbo", "contract", "sweep", "depth", "report"],
       help="run one stage")
     return p.parse_args(argv)
 
@@ -153,13 +156,12 @@ def lm_done(args, out) -> bool:
 
 
 def stage_train(args, out):
-    """MDLM and FP-MDLM side by side, one core each (same load, so their time per step compares)."""
+    """MDLM, the shallow twin and FP-MDLM, trained identically (--workers side by side)."""
     jobs = []
-    if not done(out / "mdlm" / "final"):
-        jobs.append(("mdlm", train_cmd(args, out, "mdlm", args.steps, layers=(args.mdlm_layers, 0, 0))))
-    if not done(out / "fp" / "final"):
-        jobs.append(("fp", train_cmd(args, out, "fp", args.steps, layers=(1, 1, 1))))
-    parallel(jobs, out)
+    for name, layers in (("mdlm", (args.mdlm_layers, 0, 0)), ("fp", (1, 1, 1)), ("twin", (args.twin_layers, 0, 0))):
+        if not done(out / name / "final"):
+            jobs.append((name, train_cmd(args, out, name, args.steps, layers=layers)))
+    parallel(jobs, out, workers=args.workers)
 
 
 def cons_cmd(args, out, name: str, steps: int, stop: bool) -> list:
@@ -188,18 +190,19 @@ def stage_post(args, out):
         jobs.append(("cons", cons_cmd(args, out, "cons", args.cons_steps, stop=True)))
     if not done(out / "conv"):
         jobs.append(("conv", conv_cmd(args, out)))
-    parallel(jobs, out)
+    parallel(jobs, out, workers=args.workers)
     jobs = []
     if not done(out / "cons-long" / "final"):
         jobs.append(("cons-long", cons_cmd(args, out, "cons-long", 3 * args.cons_steps, stop=False)))
     if not done(out / "fp-short" / "final"):
         jobs.append(("fp-short", train_cmd(args, out, "fp-short", args.conv_steps + args.cons_steps,
                                            layers=(1, 1, 1))))
-    parallel(jobs, out)
+    parallel(jobs, out, workers=args.workers)
 
 
 MODELS = {  # name -> (folder under OUT, baseline)
     "MDLM": ("mdlm/final", True),
+    "shallow twin": ("twin/final", True),
     "FP-MDLM": ("fp/final", False),
     "FP-MDLM + L_CONS": ("cons/final", False),
     "FP-MDLM + L_CONS (3x, no stop)": ("cons-long/final", False),
@@ -219,6 +222,29 @@ def stage_nelbo(args, out):
     results = {name: heldout_nelbo(out / sub, out / "tokenizer", args) for name, (sub, _) in MODELS.items()
                if done(out / sub)}
     path.write_text(json.dumps(results, indent=1))
+
+
+def stage_depth(args, out):
+    """The depth profile of every fixed-point model (OUT/depth/*.json), at the step counts the sweep picked for
+    CoFRe (3SR) at B24, B96 and B384 (8, 32, 96 where it has not run)."""
+    from fpmgm_hf.evaluation.depth import main as depth
+
+    (out / "depth").mkdir(exist_ok=True)
+    steps = [str(sweep_pick(out, "FP-MDLM + L_CONS|3sr", b, default)) for b, default in ((24, 8), (96, 32), (384, 96))]
+    for name, (sub, baseline) in MODELS.items():
+        path = out / "depth" / f"{slug(name)}.json"
+        if baseline or path.is_file() or not done(out / sub):
+            continue
+        print(f"[depth] {name}", flush=True)
+        depth([str(out / sub), "--tokenizer", str(out / "tokenizer"), "--seq-len", str(args.seq_len),
+               "--seed", str(args.seed), "--steps", *steps, "--json", str(path)])
+
+
+def sweep_pick(out: Path, call: str, budget: int, default: int) -> int:
+    """The step count a sweep call picked at `budget` (its non-pilot point), else `default`."""
+    path = out / "sweep" / slug(call) / "results.json"
+    points = json.loads(path.read_text())["points"] if path.is_file() else []
+    return next((p["num_steps"] for p in points if p["budget"] == budget and p["status"] == "ok"), default)
 
 
 def stage_contract(args, out):
@@ -251,7 +277,9 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
     sched = ["--budgets", 96, 384, "--fp-iters", 4]
     calls = [
         ("MDLM", ["--reuse", "none"]),
+        ("shallow twin", ["--reuse", "none"]),
         ("FP-MDLM", ["--reuse", "none"]),
+        ("FP-MDLM|3sr", ["--reuse", "3sr"]),
         ("FP-MDLM + L_CONS|3sr", ["--reuse", "3sr"]),
         ("FP-MDLM + L_CONS|none", ["--reuse", "none"]),
         ("FP-MDLM + L_CONS|full", ["--reuse", "full"]),
@@ -293,7 +321,7 @@ def main(argv=None):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "nelbo": stage_nelbo,
-              "contract": stage_contract, "sweep": stage_sweep, "report": stage_report}
+              "contract": stage_contract, "sweep": stage_sweep, "depth": stage_depth, "report": stage_report}
     t0 = time.time()
     for name, fn in stages.items():
         if args.only in (None, name):

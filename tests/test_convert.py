@@ -238,3 +238,15 @@ def test_two_processes_under_torchrun(assets, tmp_path):
     ckpt = tmp_path / "ddp.work" / "distill" / "checkpoints" / "step_2"
     assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= set(os.listdir(ckpt))
     assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 2
+
+
+def test_map_auto_is_the_default_and_its_choice_is_published(assets, tmp_path):
+    out = tmp_path / "auto"
+    args = [a for a in argv(assets, out, "--dry-run") if a not in ("--map", "1,2,3")]
+    convert(args)
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["mapping_from"] == "layer CKA (--map auto)" and len(report["mapping"]) == 3
+    assert (out / "cka.png").is_file() and (out / "cka.pt").is_file()
+    card = (out / "README.md").read_text()
+    assert ",".join(map(str, report["mapping"])) + " (chosen by --map auto from the layer CKA; see cka.png)" in card
+    assert report["data"]["heldout"] == "last 0.05" and report["data"]["wrap"] in ("none", "bos_eos")

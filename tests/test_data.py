@@ -164,9 +164,58 @@ def test_train_and_converter_read_the_same_blocks(corpus):
     def converter_blocks(*extra):
         args = convert.build_parser().parse_args(["--mdlm", "unused", "--output", "unused", "--data", corpus.txt,
                                                   "--data-cache-dir", corpus.cache, *extra])
-        return convert.data_blocks(args, corpus.tok, 16)
+        return convert.data_blocks(args, corpus.tok, 16, convert.block_wrap(args, corpus.tok, 16))
 
     assert torch.equal(train_blocks(), converter_blocks("--wrap", "none"))
-    # The converter's default frames blocks as the MDLM teacher saw them (the tokenizer has BOS and EOS).
+    # Without a teacher record the converter frames blocks as MDLM's OWT recipe (the tokenizer has BOS and EOS).
     assert torch.equal(train_blocks("--wrap", "bos_eos"), converter_blocks())
     assert torch.equal(train_blocks("--num-proc", "1", "--streaming"), train_blocks())
+
+
+def _train_record(corpus, tmp_path, wrap="none", val_fraction=0.05):
+    """The training-data record fpmgm-train would write for these blocks, saved as a teacher folder's."""
+    from fpmgm_hf.data import TRAINING_DATA_FILE, data_record, split_blocks
+    from fpmgm_hf.training import train
+
+    args = train.build_parser().parse_args(["--data", corpus.txt, "--out", "unused", "--seq-len", "16",
+                                            "--data-cache-dir", corpus.cache, "--wrap", wrap,
+                                            "--val-fraction", str(val_fraction)])
+    tr, val = train.prepare_data(args, corpus.tok, _NoAccelerator())
+    record = data_record(corpus.txt, wrap=wrap, seq_len=16, val_fraction=val_fraction, train=tr, val=val)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / TRAINING_DATA_FILE).write_text(json.dumps(record))
+    assert record["data"] == "a.txt" and str(tmp_path) not in json.dumps(record)  # no machine paths
+    return teacher, tr, val
+
+
+def _converter(corpus, teacher, *extra):
+    from fpmgm_hf.conversion import convert
+
+    args = convert.build_parser().parse_args(["--mdlm", str(teacher), "--output", "unused", "--data", corpus.txt,
+                                              "--data-cache-dir", corpus.cache, "--seq-len", "16", *extra])
+    return convert, args
+
+
+def test_converter_frames_blocks_as_its_teacher_was_trained(corpus, tmp_path):
+    teacher, _, _ = _train_record(corpus, tmp_path, wrap="none")
+    convert, args = _converter(corpus, teacher)
+    record = convert.teacher_record(args)
+    assert convert.block_wrap(args, corpus.tok, 16, record) == "none"  # not the tokenizer's bos_eos guess
+    convert, args = _converter(corpus, teacher, "--wrap", "bos_eos")
+    with pytest.raises(ValueError, match="differs from the teacher's framing 'none'.*--allow-framing-mismatch"):
+        convert.block_wrap(args, corpus.tok, 16, record)
+    convert, args = _converter(corpus, teacher, "--wrap", "bos_eos", "--allow-framing-mismatch")
+    assert convert.block_wrap(args, corpus.tok, 16, record) == "bos_eos"
+
+
+def test_converter_holds_out_exactly_the_teachers_blocks(corpus, tmp_path):
+    teacher, tr, val = _train_record(corpus, tmp_path, val_fraction=0.2)
+    convert, args = _converter(corpus, teacher, "--val-blocks", "2", "--verify-batch", "2")
+    train_blocks, heldout, info = convert.split_data(args, corpus.tok, 16, _NoAccelerator(), convert.teacher_record(args))
+    assert torch.equal(heldout, val) and info["matches_teacher"]  # the teacher's 0.2, read from its record
+    assert torch.equal(train_blocks, tr)  # it trains on the teacher's training blocks, never on its held-out ones
+    assert torch.equal(convert.verification_batch(args, corpus.tok, 16, heldout), val[:2])
+    convert, args = _converter(corpus, teacher, "--val-fraction", "0.05")
+    with pytest.raises(ValueError, match="not the teacher's.*--val-fraction \\(0.2\\)"):
+        convert.split_data(args, corpus.tok, 16, _NoAccelerator(), convert.teacher_record(args))

@@ -142,6 +142,12 @@ def test_jsonl_data_and_export(assets, tmp_path):
     tok = AutoTokenizer.from_pretrained(final)
     assert model.config.vocab_size == len(tok) and model.config.mask_token_id == tok.mask_token_id
     assert not os.path.exists(tmp_path / "o" / "checkpoints")
+    # How the blocks were framed and which were held out, for the converter (no machine paths)
+    from fpmgm_hf.data import read_data_record
+
+    record = read_data_record(final)
+    assert record["data"] == "data.jsonl" and record["wrap"] == "none" and record["val_fraction"] == 0.05
+    assert record["heldout_blocks"] >= 1 and len(record["heldout_fingerprint"]) == 16
 
 
 # ------------------------------------------------------------------------------------- consistency

@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="for a Lightning .ckpt: use the EMA weights ckpt['ema']['shadow_params'] (--no-ema: "
                         "ckpt['state_dict']); Hub weights are a single set")
-    p.add_argument("--map", default="1,6,12",
+    p.add_argument("--map", default="auto",
                    help="1-based MDLM layers for the pre, shared fixed-point and post blocks, in order "
-                        "(num_pre + num_fp + num_post ids), or 'auto' to choose them from the layer CKA")
+                        "(num_pre + num_fp + num_post ids, e.g. 1,6,12), or 'auto' to choose them from the layer CKA "
+                        "(cka.png and the chosen mapping go into the output folder and its model card)")
     p.add_argument("--layers", default="1/1/1", help="block counts num_pre/num_fp/num_post of the FP-MDLM")
     p.add_argument("--injection", default="constrained", choices=["constrained", "concat_mlp", "add", "none"],
                    help="input injection of the shared block: 'constrained' (default; a contraction in the state, "
@@ -70,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true",
                    help="import + map + verify + save, without fine-tuning")
-    p.add_argument("--tokenizer", default="gpt2",
+    p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or local folder; its length (mask token included) must equal the "
-                        "checkpoint's vocab size")
+                        "checkpoint's vocab size (default: the --mdlm folder's own tokenizer when it has one, else "
+                        "gpt2)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="UNSAFE: let a --tokenizer folder run its own Python code (an auto_map entry)")
     p.add_argument("--data", default=None,
@@ -82,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Hub records")
     p.add_argument("--wrap", choices=("auto",) + WRAPS, default="auto",
                    help="block framing: 'bos_eos' = MDLM's [BOS] + (seq_len - 2) tokens + [EOS], 'none' = plain "
-                        "seq_len cuts (fpmgm-train's default); 'auto': bos_eos when the tokenizer has BOS and EOS")
+                        "seq_len cuts (fpmgm-train's default); 'auto': the teacher's own framing (the "
+                        "training_data.json fpmgm-train writes next to its weights), else bos_eos when the tokenizer "
+                        "has BOS and EOS (MDLM's OWT recipe)")
+    p.add_argument("--allow-framing-mismatch", action="store_true",
+                   help="accept a --wrap that differs from the teacher's recorded framing (refused by default: the "
+                        "student would learn a framing its teacher never saw)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out share of the --data blocks: the last fraction, never trained on, the same rule "
+                        "fpmgm-train and the evaluations use (default: the teacher's recorded value, else 0.05); "
+                        "with a teacher record for the same data, the held-out blocks must be the teacher's")
     add_data_arguments(p, streaming_default=None)
     p.add_argument("--seq-len", type=int, default=None,
                    help="training / verification block length (default: the model's max_position_embeddings)")
@@ -108,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50,
                    help="print the training record every N steps (every step goes to WORK_DIR/<stage>/log.jsonl)")
     p.add_argument("--val-blocks", type=int, default=8,
-                   help="first --data blocks held out for the validation NELBO/PPL of --eval-every (together "
-                        "with the verification blocks, never trained on)")
+                   help="held-out blocks used for the validation NELBO/PPL of --eval-every (the first of the held-out "
+                        "split)")
     p.add_argument("--max-train-blocks", type=int, default=None,
-                   help="cap on the training blocks read from --data (they are held in memory as one tensor)")
+                   help="read only this many training blocks (for corpora too large to hold in memory, e.g. a "
+                        "streamed OpenWebText): the held-out blocks are then the first ones read instead of the "
+                        "last --val-fraction, which the report says")
     p.add_argument("--eval-every", type=int, default=500, help="validate every N optimizer steps (and at the end)")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches per process per evaluation")
     p.add_argument("--save-every", type=int, default=1000,
@@ -161,6 +174,14 @@ def _say(state, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _teacher_tokenizer(source) -> Optional[str]:
+    """The --mdlm folder itself when it holds a tokenizer (an MDLM trained with fpmgm-train saves one)."""
+    folder = str(source)
+    has = os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f))
+                                       for f in ("tokenizer.json", "tokenizer_config.json"))
+    return folder if has else None
+
+
 def parse_layers(spec: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in spec.split("/"))
@@ -199,53 +220,84 @@ def load_tokenizer(name_or_path: str, vocab_size: int, mask_token_id: int, trust
 # ------------------------------------------------------------------------------------------------ data
 
 
-def block_wrap(args, tokenizer, seq_len: int) -> str:
-    """`--wrap`, with 'auto' resolved: MDLM's BOS/EOS framing when the tokenizer has both tokens."""
-    if args.wrap != "auto":
-        return args.wrap
-    has_both = tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None
-    return "bos_eos" if has_both and seq_len > 2 else "none"
+def teacher_record(args) -> Optional[dict]:
+    """The teacher's training-data record (`training_data.json` in a `--mdlm` folder trained by fpmgm-train)."""
+    from ..data import read_data_record
+
+    return read_data_record(args.mdlm) if os.path.isdir(str(args.mdlm)) else None
 
 
-def data_blocks(args, tokenizer, seq_len: int, max_blocks: Optional[int] = None) -> torch.Tensor:
+def block_wrap(args, tokenizer, seq_len: int, record: Optional[dict] = None) -> str:
+    """`--wrap` resolved: 'auto' is the teacher's recorded framing, else MDLM's BOS/EOS framing when the tokenizer
+    has both tokens. An explicit framing that contradicts the record is refused unless --allow-framing-mismatch."""
+    if args.wrap == "auto":
+        if record is not None:
+            return record["wrap"]
+        has_both = tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None
+        return "bos_eos" if has_both and seq_len > 2 else "none"
+    if record is not None and args.wrap != record["wrap"] and not args.allow_framing_mismatch:
+        raise ValueError(f"--wrap {args.wrap!r} differs from the teacher's framing {record['wrap']!r} (recorded in "
+                         f"{args.mdlm}/training_data.json); leave --wrap auto, or pass --allow-framing-mismatch.")
+    return args.wrap
+
+
+def data_blocks(args, tokenizer, seq_len: int, wrap: str, max_blocks: Optional[int] = None) -> torch.Tensor:
     """`(N, seq_len)` blocks of --data by the rule fpmgm-train uses (`fpmgm_hf.data.load_blocks`), framed by
-    `block_wrap`; Hub datasets are streamed unless --no-streaming. `max_blocks` stops early."""
+    `wrap`; Hub datasets are streamed unless --no-streaming. `max_blocks` stops early."""
     from ..data import is_hub_dataset, load_blocks
 
     streaming = is_hub_dataset(args.data) if args.streaming is None else args.streaming
-    return load_blocks(args.data, tokenizer, seq_len, text_field=args.text_field,
-                       wrap=block_wrap(args, tokenizer, seq_len), streaming=streaming, num_proc=args.num_proc,
-                       cache_dir=args.data_cache_dir, max_blocks=max_blocks)
+    return load_blocks(args.data, tokenizer, seq_len, text_field=args.text_field, wrap=wrap, streaming=streaming,
+                       num_proc=args.num_proc, cache_dir=args.data_cache_dir, max_blocks=max_blocks)
 
 
-def verification_batch(args, tokenizer, seq_len: int, state) -> torch.Tensor:
-    """`(verify_batch, length)` clean tokens: with --data its first blocks (never trained on), else the
+def split_data(args, tokenizer, seq_len: int, state, record: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """`(train, heldout, info)` blocks of --data. The held-out blocks are the last --val-fraction, as fpmgm-train
+    and the evaluations hold out, and they must be the teacher's own held-out blocks when its record names the
+    same data, length and framing; with --max-train-blocks they are the first blocks read instead."""
+    from ..data import data_name, fingerprint, split_blocks
+
+    wrap = block_wrap(args, tokenizer, seq_len, record)
+    fraction = args.val_fraction if args.val_fraction is not None else (record or {}).get("val_fraction", 0.05)
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}.")
+    head = args.max_train_blocks is not None
+    held = max(args.val_blocks, args.verify_batch)
+    with state.main_process_first():
+        blocks = data_blocks(args, tokenizer, seq_len, wrap, max_blocks=held + args.max_train_blocks if head else None)
+    if len(blocks) <= held:
+        raise ValueError(f"--data {args.data!r} yields {len(blocks)} blocks of {seq_len} tokens, not more than the "
+                         f"{held} held out for validation and verification.")
+    train, heldout = (blocks[held:], blocks[:held]) if head else split_blocks(blocks, fraction)
+    info = {"wrap": wrap, "heldout": "first blocks read (--max-train-blocks)" if head else f"last {fraction:g}",
+            "heldout_blocks": int(heldout.shape[0]), "heldout_fingerprint": fingerprint(heldout)}
+    same_data = record is not None and (record["data"], record["seq_len"], record["wrap"]) == (
+        data_name(args.data), seq_len, wrap)
+    if same_data and not head and info["heldout_fingerprint"] != record.get("heldout_fingerprint"):
+        raise ValueError(f"the held-out blocks of --data {args.data!r} ({heldout.shape[0]} blocks, fingerprint "
+                         f"{info['heldout_fingerprint']}) are not the teacher's ({record.get('heldout_blocks')} blocks, "
+                         f"{record.get('heldout_fingerprint')}): fine-tuning would train on text the teacher held "
+                         f"out. Use the teacher's --val-fraction ({record['val_fraction']}) and the same data.")
+    info["matches_teacher"] = bool(same_data and not head)
+    return train, heldout, info
+
+
+def verification_batch(args, tokenizer, seq_len: int, heldout: Optional[torch.Tensor]) -> torch.Tensor:
+    """`(verify_batch, length)` clean tokens: with --data the first held-out blocks (never trained on), else the
     built-in paragraph repeated."""
     length = args.verify_length or seq_len
-    if args.data:
-        with state.main_process_first():
-            blocks = data_blocks(args, tokenizer, length, max_blocks=args.verify_batch)
-        if len(blocks) < args.verify_batch:
-            raise ValueError(f"--data {args.data!r} is too small for {args.verify_batch} blocks of {length} tokens.")
-        return blocks
+    if heldout is not None:
+        if heldout.shape[0] < args.verify_batch:
+            raise ValueError(f"--data {args.data!r} holds out {heldout.shape[0]} blocks, fewer than --verify-batch "
+                             f"{args.verify_batch}.")
+        if length != heldout.shape[1]:
+            raise ValueError(f"--verify-length {length} must equal --seq-len {heldout.shape[1]} with --data (the "
+                             "verification blocks are held-out training blocks).")
+        return heldout[: args.verify_batch]
     ids = tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"]
     reps = -(-length * args.verify_batch // max(len(ids), 1))
     flat = torch.tensor((ids * reps)[: length * args.verify_batch], dtype=torch.long)
     return flat.view(args.verify_batch, length)
-
-
-def split_data(args, tokenizer, seq_len: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(train, val)` blocks of `seq_len` tokens from --data, in memory (the Trainer's deterministic sampler
-    draws batches by index, which makes `--resume` exact). The first max(--val-blocks, verification blocks)
-    blocks are held out; validation is the first --val-blocks of them."""
-    held = max(args.val_blocks, args.verify_batch if (args.verify_length or seq_len) == seq_len else 0)
-    limit = None if args.max_train_blocks is None else held + args.max_train_blocks
-    with accelerator.main_process_first():
-        blocks = data_blocks(args, tokenizer, seq_len, max_blocks=limit)
-    if len(blocks) <= held:
-        raise ValueError(f"--data {args.data!r} yields {len(blocks)} blocks of {seq_len} tokens, not more than the "
-                         f"{held} held out for validation.")
-    return blocks[held:], blocks[: args.val_blocks]
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -315,8 +367,10 @@ def model_card(student, report: dict, repo_id: Optional[str], revision: Optional
     (`fpmgm_hf.hub`, shared with fpmgm-train)."""
     from ..hub import render_model_card
 
+    how = " (chosen by --map auto from the layer CKA; see cka.png)" if report.get("mapping_from", "").startswith(
+        "layer CKA") else ""
     settings = {"source": report["source"], "weights": "EMA" if report["ema"] else "raw",
-                "layer mapping": ",".join(map(str, report["mapping"])), "layers (pre/fp/post)":
+                "layer mapping": ",".join(map(str, report["mapping"])) + how, "layers (pre/fp/post)":
                 "/".join(map(str, report["layers"])), "injection": report["injection"]}
     for key, value in report.get("training", {}).items():
         if key != "work_dir":  # a local folder, of no use to a reader of the card
@@ -409,9 +463,17 @@ def convert(args, state, output: Path) -> int:
     _say(state, f"[import] {args.mdlm}: {cfg.num_pre_layers} layers, hidden {cfg.hidden_size}, heads "
                 f"{cfg.num_attention_heads}, vocab {cfg.vocab_size} ({'EMA' if args.ema else 'raw'} weights) "
                 f"in {time.time() - t0:.1f}s")
-    tokenizer = load_tokenizer(args.tokenizer, cfg.vocab_size, cfg.mask_token_id, args.trust_remote_code)
+    tok_source = args.tokenizer or _teacher_tokenizer(args.mdlm) or "gpt2"
+    tokenizer = load_tokenizer(tok_source, cfg.vocab_size, cfg.mask_token_id, args.trust_remote_code)
     seq_len = args.seq_len or cfg.max_position_embeddings
-    x_val = verification_batch(args, tokenizer, seq_len, state)
+    record = teacher_record(args)
+    train_blocks = heldout = data_info = None
+    if args.data:
+        train_blocks, heldout, data_info = split_data(args, tokenizer, seq_len, state, record)
+        _say(state, f"[data] {args.data}: framing {data_info['wrap']!r}, held out: {data_info['heldout']} "
+                    f"({data_info['heldout_blocks']} blocks" + (", the teacher's own" if data_info["matches_teacher"]
+                                                                 else "") + ")")
+    x_val = verification_batch(args, tokenizer, seq_len, heldout)
 
     cka = None
     mapping = args.map
@@ -428,7 +490,8 @@ def convert(args, state, output: Path) -> int:
                 f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
 
     report = {"source": args.mdlm, "ema": args.ema, "mapping": mapping, "layers": [num_pre, num_fp, num_post],
-              "injection": args.injection, "tokenizer": args.tokenizer, "seed": args.seed,
+              "mapping_from": "layer CKA (--map auto)" if cka is not None else "--map",
+              "injection": args.injection, "tokenizer": tok_source, "seed": args.seed, "data": data_info,
               "verify_shape": list(x_val.shape), "verify_repeats": args.verify_repeats,
               "verify_before": verify(state, teacher, student, x_val, tokenizer, args)}
     if train:
@@ -441,7 +504,7 @@ def convert(args, state, output: Path) -> int:
         accum = {} if args.grad_accum is None else {"gradient_accumulation_steps": args.grad_accum}
         project = ProjectConfiguration(project_dir=str(work), total_limit=args.save_total_limit)
         accelerator = Accelerator(log_with=parse_report_to(args.report_to) or None, project_config=project, **accum)
-        train_blocks, val_blocks = split_data(args, tokenizer, seq_len, accelerator)
+        val_blocks = heldout[: args.val_blocks]
         _say(state, f"[train] {train_blocks.shape[0]} training / {val_blocks.shape[0]} validation blocks of "
                     f"{seq_len} tokens; logs and checkpoints in {work}")
         student, summary = finetune(
@@ -459,7 +522,7 @@ def convert(args, state, output: Path) -> int:
         report["training"] = {k: getattr(args, k) for k in keys}
         report["training"].update(processes=state.num_processes, grad_accum=accelerator.gradient_accumulation_steps,
                                   train_blocks=int(train_blocks.shape[0]), seq_len=seq_len, work_dir=str(work),
-                                  wrap=block_wrap(args, tokenizer, seq_len))
+                                  wrap=data_info["wrap"])
         report["finetune"] = summary
         student = student.to(state.device)
         report["verify_after"] = verify(state, teacher, student, x_val, tokenizer, args)

@@ -85,6 +85,39 @@ def fingerprint(blocks: Tensor) -> str:
     return hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
 
 
+TRAINING_DATA_FILE = "training_data.json"  # written next to the weights by fpmgm-train
+
+
+def data_name(spec: str) -> str:
+    """`--data` as recorded: bundled and Hub names as given, local files by their file names (no machine paths)."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    return ",".join(os.path.basename(p) if os.path.exists(p) else p for p in parts)
+
+
+def data_record(data: str, *, wrap: str, seq_len: int, val_fraction: float, train: Tensor, val: Tensor,
+                text_field: str = "text") -> dict:
+    """How a model's training blocks were made and which blocks were held out: enough for a later tool (the MDLM
+    converter, an evaluation) to frame its blocks the same way and to check it holds out the same ones."""
+    return {"data": data_name(data), "text_field": text_field, "wrap": wrap, "seq_len": int(seq_len),
+            "val_fraction": float(val_fraction), "train_blocks": int(train.shape[0]),
+            "heldout_blocks": int(val.shape[0]), "train_fingerprint": fingerprint(train),
+            "heldout_fingerprint": fingerprint(val)}
+
+
+def read_data_record(folder) -> Optional[dict]:
+    """The `training_data.json` of a model folder, or None (no folder, no record)."""
+    import json
+
+    path = os.path.join(str(folder), TRAINING_DATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or not {"data", "wrap", "seq_len", "val_fraction"} <= set(record):
+        raise ValueError(f"{path}: not a training-data record (needs data, wrap, seq_len and val_fraction).")
+    return record
+
+
 # ------------------------------------------------------------------------------------------------ batches
 
 

@@ -33,26 +33,38 @@ ITERS = (1, 2, 4, 8, 16, 32)
 
 
 @torch.no_grad()
+def nelbo_rows(model, blocks: Tensor, fp_iters: int = 8, *, batch_size: int = 32, draws: int = 2,
+               seed: int = 0) -> Tensor:
+    """Per-block held-out NELBO (nats/token) of `blocks (N, L)` after `fp_iters` iterations from `h_pre`, for
+    `draws` mask draws: `(draws * N,)` float64, draw-major. The times and masks depend only on `seed`, the
+    batch and the draw, so every model and iteration count sees the same ones (paired comparisons). Raises
+    `FloatingPointError` when the iterates overflow (safety net off)."""
+    from ..training.objectives import subs_token_nll
+
+    model.eval()
+    device, mask_id = next(model.parameters()).device, model.config.mask_token_id
+    rows = []
+    with raw_map(model):
+        for draw in range(draws):
+            for start in range(0, blocks.shape[0], batch_size):
+                g = torch.Generator().manual_seed(seed + 1_000_003 * draw + start)
+                x0 = blocks[start:start + batch_size].to(device)
+                _, aux = mdlm_nelbo(model, x0, generator=g, model_kwargs={"fp_iters": fp_iters, "fp_tol": 0})
+                nll = subs_token_nll(aux["output"].logits, aux["z"], x0, mask_id)  # (B, L)
+                rows.append((nll.double() / aux["t"].double()[:, None]).mean(1).cpu())  # (B,) the NELBO's weight
+    return torch.cat(rows)
+
+
 def nelbo_by_iters(model, blocks: Tensor, iters: Sequence[int] = ITERS, *, batch_size: int = 32, draws: int = 2,
                    seed: int = 0) -> dict[int, float]:
     """Held-out NELBO (nats/token) of `blocks (N, L)` after each of `iters` iterations from `h_pre`, `draws` mask
-    draws per block; every n sees the same antithetic times and masks (one generator seed per batch and draw).
-    NaN where the iterates overflow."""
-    model.eval()
-    device = next(model.parameters()).device
+    draws per block, the same times and masks for every n (see `nelbo_rows`). NaN where the iterates overflow."""
     out = {}
-    with raw_map(model):
-        for n in iters:
-            total = count = 0.0
-            try:
-                for draw, start in ((d, s) for d in range(draws) for s in range(0, blocks.shape[0], batch_size)):
-                    g = torch.Generator().manual_seed(seed + 1_000_003 * draw + start)
-                    _, aux = mdlm_nelbo(model, blocks[start:start + batch_size].to(device), generator=g,
-                                        model_kwargs={"fp_iters": n, "fp_tol": 0})
-                    total, count = total + float(aux["nll_sum"]), count + float(aux["num_tokens"])
-                out[n] = total / max(count, 1.0)
-            except FloatingPointError:
-                out[n] = math.nan
+    for n in iters:
+        try:
+            out[n] = float(nelbo_rows(model, blocks, n, batch_size=batch_size, draws=draws, seed=seed).mean())
+        except FloatingPointError:
+            out[n] = math.nan
     return out
 
 

@@ -5,6 +5,7 @@ converter uses), written to `OUT/final.tmp` and renamed; then, with `--push-to-h
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -12,6 +13,7 @@ from typing import Optional
 
 from accelerate.utils import DistributedType
 
+from ..data import TRAINING_DATA_FILE
 from ..hub import push_folder, render_model_card
 from ..validation_fpmgm import write_manifest
 from .lora import is_peft, save_with_adapter
@@ -91,6 +93,10 @@ def export(trainer, kind: str = "text", card_fields: Optional[dict] = None) -> s
                            base_name_or_path=getattr(a, "push_to_hub", None) or os.path.abspath(path),
                            state_dict=full_state)
         trainer.tokenizer.save_pretrained(tmp)
+        record = getattr(trainer, "data_record", None)
+        if record is not None:  # how the blocks were framed and which were held out (read by the MDLM converter)
+            with open(os.path.join(tmp, TRAINING_DATA_FILE), "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
         model_card(trainer, plain, kind, path, adapter=keep,
                    **(card_fields or {})).save(os.path.join(tmp, "README.md"))
         write_manifest(tmp)  # now over the tokenizer / VQ files and the card too

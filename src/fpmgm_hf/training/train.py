@@ -26,7 +26,15 @@ from typing import Optional
 
 import torch
 
-from ..data import DATA_HELP, WRAPS, add_data_arguments, load_blocks, load_training_tokenizer, split_blocks
+from ..data import (
+    DATA_HELP,
+    WRAPS,
+    add_data_arguments,
+    data_record,
+    load_blocks,
+    load_training_tokenizer,
+    split_blocks,
+)
 from .export import export
 from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.training.train` had before the loop moved out)
     EMA,
@@ -190,6 +198,8 @@ def _train(args, accelerator) -> str:
     if args.lora_r:
         model = add_lora(model, args.lora_r, args.lora_alpha)
     trainer = Trainer(args, accelerator, model, tokenizer, train_blocks, val_blocks)
+    trainer.data_record = data_record(args.data, wrap=args.wrap, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                                      train=train_blocks, val=val_blocks, text_field=args.text_field)
     begin(trainer, resume)
     run_loop(trainer)
     return export(trainer)
