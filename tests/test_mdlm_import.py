@@ -505,6 +505,38 @@ def test_distill_loss_kl_and_gradients(teacher):
     teacher.requires_grad_(True)
 
 
+def test_distill_hidden_term_matches_the_teachers_stream_entering_the_post_layer(teacher):
+    from fpmgm_hf.conversion.distill import distill_loss, nested_masks
+    from fpmgm_hf.modeling_fpmgm import rotary_tables
+    from fpmgm_hf.scheduling_fpmgm import loglinear_sigma
+    from fpmgm_hf.training.objectives import hidden_consistency
+
+    x0 = _ids(7, batch=3, length=16).clamp_max(VOCAB - 2)
+    student = map_layers(teacher, "1,2,3").eval()
+    with pytest.raises(ValueError, match="hidden_layer"):
+        distill_loss(student, teacher, x0, generator=torch.Generator().manual_seed(2), hidden_weight=1.0)
+    _, aux = distill_loss(student, teacher, x0, generator=torch.Generator().manual_seed(2), hidden_weight=1.0,
+                          hidden_layer=3)
+    # Reference: run the teacher's first two layers by hand on the teacher canvas, the student on its own.
+    z_s, z_c, t_s, t_c, _, _ = nested_masks(x0, VOCAB - 1, generator=torch.Generator().manual_seed(2))
+    inner = teacher.model
+    with torch.no_grad():
+        c = inner.conditioning(3, x0.device, loglinear_sigma(t_c, 1e-3), None)
+        rope = rotary_tables(torch.arange(16)[:, None], teacher.config.head_dim)
+        h = inner.embed_tokens(z_c)
+        for block in list(inner.pre_blocks)[:2]:
+            h = block(h, c, rope, None)
+        z_star = student(z_s, timesteps=loglinear_sigma(t_s, 1e-3), return_dict=True).fixed_point
+    expected = hidden_consistency(z_star, h, torch.ones_like(x0, dtype=torch.bool))
+    torch.testing.assert_close(aux["hidden"], expected)
+    assert float(aux["hidden"]) > 0
+    student.train()
+    loss, _ = distill_loss(student, teacher, x0, generator=torch.Generator().manual_seed(2), hidden_weight=1.0,
+                           hidden_layer=3)
+    loss.backward()
+    assert student.model.fp_blocks[0].attn.attn_qkv.weight.grad is not None
+
+
 def test_convert_with_short_finetuning(ckpts, tmp_path):
     convert = _convert_module()
     tok = tiny_tokenizer(tmp_path / "tok")

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=0.1, help="lambda, the weight of the tempered KL term")
     p.add_argument("--kl-warmup", type=int, default=5000, help="steps over which lambda rises linearly from 0")
     p.add_argument("--tau", type=float, default=1.5, help="distillation temperature")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of a hidden-state term: the student's fixed point (the post blocks' input) pulled "
+                        "towards the teacher's residual stream entering the first post layer (layer-normalised MSE)")
     p.add_argument("--gap", type=float, nargs=2, default=(0.05, 0.30), metavar=("LO", "HI"),
                    help="range of the noise-level gap t_s - t_c between student and teacher")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
@@ -444,6 +447,10 @@ def convert(args, state, output: Path) -> int:
     if args.consistency_steps > 0 and args.consistency_weight <= 0:
         raise ValueError("--consistency-steps needs --consistency-weight > 0.")
     check_rotation_and_adapter_args(args)
+    if not 0 <= args.hidden_weight < float("inf"):
+        raise ValueError(f"--hidden-weight must be a finite number >= 0, got {args.hidden_weight}.")
+    if args.hidden_weight > 0 and num_post == 0:
+        raise ValueError("--hidden-weight needs a post block (its input is what the term matches); --layers has none.")
     if args.resume and not train:
         raise ValueError("--resume continues fine-tuning; it cannot be combined with --dry-run / --steps 0.")
     if train and not args.data:
@@ -516,8 +523,10 @@ def convert(args, state, output: Path) -> int:
             stop_ppl_rise=args.stop_ppl_rise, eval_every=args.eval_every, eval_batches=args.eval_batches,
             save_every=args.save_every, seed=args.seed, resume=args.resume, lora_r=args.lora_r,
             lora_alpha=args.lora_alpha, merge=not args.keep_adapter, log_every=args.log_every,
-            log=lambda m: _say(state, f"[train] {m}"))
+            log=lambda m: _say(state, f"[train] {m}"), hidden_weight=args.hidden_weight,
+            hidden_layer=mapping[num_pre + num_fp] if num_post else None)
         keys = ("steps", "batch_size", "lr", "warmup_steps", "clip", "kl_weight", "kl_warmup", "tau", "gap", "data",
+                "hidden_weight",
                 "consistency_weight", "consistency_warmup", "consistency_steps", "stop_ppl_rise", "lora_r")
         report["training"] = {k: getattr(args, k) for k in keys}
         report["training"].update(processes=state.num_processes, grad_accum=accelerator.gradient_accumulation_steps,

@@ -65,9 +65,33 @@ def tempered_subs_kl(teacher_logits: Tensor, student_logits: Tensor, z_c: Tensor
 # lambda of the KL term: the same linear warm-up as the consistency weight.
 kl_weight_at = consistency_weight_at
 
+def teacher_stream(teacher, z: Tensor, t: Tensor, eps: float, layer: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """The frozen teacher's logits on `z` and, with `layer` (1-based), its residual stream entering that layer
+    `(B, L, D)` (the output of layer `layer - 1`), in eval mode without a graph."""
+    captured = {}
+    handle = None
+    if layer is not None:
+        blocks = list(teacher.model.pre_blocks) + list(teacher.model.post_blocks)
+        def keep(module, args):
+            captured["h"] = args[0]  # returns None: the layer's inputs are left as they are
+
+        handle = blocks[layer - 1].register_forward_pre_hook(keep)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            logits = teacher(z, timesteps=loglinear_sigma(t, eps), return_dict=True).logits
+    finally:
+        teacher.train(was_training)
+        if handle is not None:
+            handle.remove()
+    return logits, captured.get("h")
+
+
 def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl_weight: float = 0.1,
                  tau: float = 1.5, gap=(0.05, 0.30), eps: float = 1e-3,
-                 consistency_weight: float = 0.0, return_consistency: bool = False) -> tuple[Tensor, dict]:
+                 consistency_weight: float = 0.0, return_consistency: bool = False,
+                 hidden_weight: float = 0.0, hidden_layer: Optional[int] = None) -> tuple[Tensor, dict]:
     """`L = NELBO(student | z_s) + kl_weight * tau^2 * KL` averaged over student-masked positions.
 
     The NELBO is the token mean over all of `x0` of -log p_student(x0 | z_s) / t_s (zero on visible
@@ -77,18 +101,20 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
     With `consistency_weight > 0` the CoFRe term `consistency_weight * objectives.hidden_consistency(h_s, h_c)`
     is added (averaged over student-masked positions), h_s the student's final hidden states on z_s and h_c
     the student's own (eval mode, no graph) on the teacher's cleaner canvas z_c.
+    With `hidden_weight > 0` the student's fixed point (the post blocks' input) is pulled towards the teacher's
+    residual stream entering `hidden_layer` (the teacher layer the first post block came from) on the teacher's
+    canvas, by the same layer-normalised MSE over all positions: the shared block learns to stand in for the
+    layers it replaced, not only to reproduce their logits.
     Returns `(loss, aux)` with the detached `nelbo`, `kl` (and `consistency`, also computed at weight 0 with
-    `return_consistency`) and the two times.
+    `return_consistency`; `hidden` with `hidden_weight > 0`) and the two times.
     """
     mask_id = getattr(student, "module", student).config.mask_token_id
     z_s, z_c, t_s, t_c, student_mask, _ = nested_masks(x0, mask_id, generator=generator, gap=gap, eps=eps)
     s_out = student(z_s, timesteps=loglinear_sigma(t_s, eps), generator=generator, return_dict=True)
     s_logits = s_out.logits
-    with torch.no_grad():
-        was_training = teacher.training
-        teacher.eval()
-        t_logits = teacher(z_c, timesteps=loglinear_sigma(t_c, eps), return_dict=True).logits
-        teacher.train(was_training)
+    if hidden_weight > 0 and hidden_layer is None:
+        raise ValueError("`hidden_weight` > 0 needs `hidden_layer`, the teacher layer of the first post block.")
+    t_logits, t_hidden = teacher_stream(teacher, z_c, t_c, eps, hidden_layer if hidden_weight > 0 else None)
     rows = student_mask  # (B, L) bool
     s_rows, x_rows = s_logits[rows], x0[rows]  # (N, V), (N,)
     weight = (1.0 / t_s.float())[:, None].expand_as(rows)[rows]  # log-linear dsigma/expm1(sigma) = 1/t
@@ -98,6 +124,10 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
     kl_mean = kl.sum() / max(int(rows.sum()), 1)
     loss = with_fixed_point_loss(nelbo + kl_weight * tau**2 * kl_mean, s_out)
     aux = {"nelbo": nelbo.detach(), "kl": kl_mean.detach(), "t_s": t_s, "t_c": t_c}
+    if t_hidden is not None:
+        hidden = hidden_consistency(s_out.fixed_point, t_hidden, torch.ones_like(rows))
+        loss = loss + hidden_weight * hidden
+        aux["hidden"] = hidden.detach()
     if consistency_weight > 0 or return_consistency:
         own = getattr(student, "module", student)
         was_training = own.training
@@ -148,8 +178,10 @@ class DistillLoss:
     when `consistency_weight > 0`, the consistency term ramped over `consistency_warmup` steps."""
 
     def __init__(self, teacher, *, kl_weight: float = 0.1, kl_warmup: int = 5000, tau: float = 1.5, gap=(0.05, 0.30),
-                 eps: float = 1e-3, consistency_weight: float = 0.0, consistency_warmup: int = 5000):
+                 eps: float = 1e-3, consistency_weight: float = 0.0, consistency_warmup: int = 5000,
+                 hidden_weight: float = 0.0, hidden_layer: Optional[int] = None):
         self.teacher = teacher.eval().requires_grad_(False)
+        self.hidden_weight, self.hidden_layer = hidden_weight, hidden_layer
         self.kl_weight, self.kl_warmup, self.tau, self.gap, self.eps = kl_weight, kl_warmup, tau, tuple(gap), eps
         self.consistency_weight, self.consistency_warmup = consistency_weight, consistency_warmup
 
@@ -161,8 +193,11 @@ class DistillLoss:
         with trainer.acc.autocast():
             loss, aux = distill_loss(trainer.model, self.teacher, x0, generator=trainer.generator, kl_weight=lam,
                                      tau=self.tau, gap=self.gap, eps=self.eps, consistency_weight=cons,
-                                     return_consistency=self.consistency_weight > 0)
+                                     return_consistency=self.consistency_weight > 0, hidden_weight=self.hidden_weight,
+                                     hidden_layer=self.hidden_layer)
         extra = {"nelbo": aux["nelbo"].item(), "kl": aux["kl"].item(), "kl_lambda": lam}
+        if "hidden" in aux:
+            extra["hidden"] = aux["hidden"].item()
         if "consistency" in aux:
             extra.update(consistency=aux["consistency"].item(), lambda_cons=cons)
         return loss, extra
@@ -200,7 +235,8 @@ def finetune(student, teacher, tokenizer, train_blocks: Tensor, val_blocks: Tens
              consistency_warmup: int = 5000, consistency_gap=(0.05, 0.30), stop_ppl_rise: Optional[float] = 0.15,
              eval_every: int = 500, eval_batches: int = 20, save_every: int = 1000, sample_steps: int = 8,
              seed: int = 0, resume: Optional[str] = None, lora_r: int = 0, lora_alpha: Optional[float] = None,
-             merge: bool = True, log_every: int = 0, log: Optional[Callable[[str], None]] = print):
+             merge: bool = True, log_every: int = 0, log: Optional[Callable[[str], None]] = print,
+             hidden_weight: float = 0.0, hidden_layer: Optional[int] = None):
     """Adapt `student` to the frozen `teacher` with `fpmgm_hf.training.loop.Trainer`; returns `(student, summary)`.
 
     Stage "distill" (`steps` optimizer steps, skipped when 0): `DistillLoss` (NELBO + lambda tau^2 KL, plus the
@@ -211,7 +247,7 @@ def finetune(student, teacher, tokenizer, train_blocks: Tensor, val_blocks: Tens
     resumable checkpoints `work_dir/<stage>/checkpoints/step_N`; `resume` ("latest" or a checkpoint folder)
     continues exactly. With `lora_r > 0` only LoRA adapters (and the injection) train; they are merged into
     the returned model unless `merge=False` (then the PEFT model is returned). The returned student is
-    unwrapped and in eval mode.
+    unwrapped and in eval mode. `hidden_weight` / `hidden_layer`: the hidden-state term of `distill_loss`.
     """
     import os
     from types import SimpleNamespace
@@ -233,7 +269,8 @@ def finetune(student, teacher, tokenizer, train_blocks: Tensor, val_blocks: Tens
     if steps > 0:
         stages.append(("distill", steps, same_run, DistillLoss(
             teacher, kl_weight=kl_weight, kl_warmup=kl_warmup, tau=tau, gap=gap, eps=eps,
-            consistency_weight=same_run, consistency_warmup=consistency_warmup)))
+            consistency_weight=same_run, consistency_warmup=consistency_warmup, hidden_weight=hidden_weight,
+            hidden_layer=hidden_layer)))
     if consistency_steps > 0:
         stages.append(("consistency", consistency_steps, consistency_weight, None))
     dirs = [os.path.join(work_dir, name) for name, *_ in stages]

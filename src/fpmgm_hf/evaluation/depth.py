@@ -77,9 +77,10 @@ def _subs_logp(logits: Tensor, mask_id: int) -> Tensor:
 
 @torch.no_grad()
 def logit_kl_by_iters(model, blocks: Tensor, iters: Sequence[int] = ITERS, *, rates=(0.15, 0.5, 0.9),
-                      converged: int = 64, seed: int = 0) -> dict[float, dict[int, float]]:
-    """Mean KL(p_converged || p_n) over the masked positions of `blocks` masked at each rate, nats per token;
-    `converged` iterations stand for the fixed point."""
+                      converged: int = 64, reference=None, seed: int = 0) -> dict[float, dict[int, float]]:
+    """Mean KL(p_ref || p_n) over the masked positions of `blocks` masked at each rate, nats per token: `p_ref`
+    is `model` after `converged` iterations (the fixed point), or `reference`'s output (e.g. a conversion's MDLM
+    teacher: how far the student is from it after n iterations)."""
     model.eval()
     device, mask_id = next(model.parameters()).device, model.config.mask_token_id
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +91,9 @@ def logit_kl_by_iters(model, blocks: Tensor, iters: Sequence[int] = ITERS, *, ra
             t = torch.full((x.shape[0],), float(rate), device=device)
             masked = x == mask_id
             try:
-                ref = _subs_logp(model(x, timesteps=t, fp_iters=converged, fp_tol=0).logits[masked], mask_id)
+                ref_out = reference(x, timesteps=t) if reference is not None else model(
+                    x, timesteps=t, fp_iters=converged, fp_tol=0)
+                ref = _subs_logp(ref_out.logits[masked], mask_id)
                 row = {}
                 for n in iters:
                     logp = _subs_logp(model(x, timesteps=t, fp_iters=n, fp_tol=0).logits[masked], mask_id)
