@@ -157,9 +157,9 @@ def main(argv=None):
                    "steps": args.steps, "eval_blocks": int(val.shape[0])}
         (docs / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
         body = ["# Conversion recipes at equal fine-tuning steps", "",
-                f"Written by `python bench/convert_study.py --steps {args.steps}`: {teacher.config.num_pre_layers}-block "
-                f"MDLM teacher -> FP-MDLM 1/1/1, {args.steps} fine-tuning steps per recipe (batch {args.batch}), the "
-                f"teacher's data, framing and held-out split; distances on {val.shape[0]} held-out blocks, the same "
+                f"Written by `python bench/convert_study.py --steps {args.steps}`: "
+                f"{teacher.config.num_pre_layers}-block MDLM teacher -> FP-MDLM 1/1/1, {args.steps} fine-tuning "
+                f"steps per recipe (batch {args.batch}), the teacher's data, framing and held-out split; distances on {val.shape[0]} held-out blocks, the same "
                 "masks for every model. 'at start': right after mapping (`--dry-run`).", "",
                 table(results, teacher_nelbo), "",
                 f"Teacher layer CKA (consecutive layers): {', '.join(map(str, consecutive))} "

@@ -83,8 +83,8 @@ def block_shares(model, blocks: torch.Tensor, rate: float = 0.5, fp_iters: int =
         return record
 
     inner = model.model
-    named = [(f"pre{i}", b) for i, b in enumerate(inner.pre_blocks)] + [
-        (f"fp{i}", b) for i, b in enumerate(inner.fp_blocks)] + [(f"post{i}", b) for i, b in enumerate(inner.post_blocks)]
+    named = [(f"{kind}{i}", b) for kind, blocks in (("pre", inner.pre_blocks), ("fp", inner.fp_blocks),
+                                                  ("post", inner.post_blocks)) for i, b in enumerate(blocks)]
     handles = [b.register_forward_hook(hook(n)) for n, b in named]
     try:
         x = masked_canvases(blocks, rate, model.config.mask_token_id, torch.Generator().manual_seed(seed))
@@ -98,7 +98,7 @@ def block_shares(model, blocks: torch.Tensor, rate: float = 0.5, fp_iters: int =
 def seconds_per_step(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     times = [r["time"] for r in rows if "loss" in r and "event" not in r]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return statistics.median(gaps) if gaps else float("nan")
 
 

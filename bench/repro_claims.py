@@ -404,7 +404,8 @@ def _train_tokens(out: Path, name: str, args) -> int:
         return last_step(out / sub / "log.jsonl", default=planned)
 
     pre, mdlm = run("fp", args.steps), run("mdlm", args.steps)
-    steps = {"MDLM": mdlm, "shallow twin": run("twin", args.steps), "FP-MDLM": pre, "FP-MDLM + L_CONS": pre + run("cons", args.cons_steps),
+    steps = {"MDLM": mdlm, "shallow twin": run("twin", args.steps), "FP-MDLM": pre,
+             "FP-MDLM + L_CONS": pre + run("cons", args.cons_steps),
              "FP-MDLM + L_CONS (3x, no stop)": pre + run("cons-long", 3 * args.cons_steps),
              "converted": mdlm + args.conv_steps + args.cons_steps,
              "FP-MDLM, scratch (conversion steps)": run("fp-short", args.conv_steps + args.cons_steps)}

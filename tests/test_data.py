@@ -174,7 +174,7 @@ def test_train_and_converter_read_the_same_blocks(corpus):
 
 def _train_record(corpus, tmp_path, wrap="none", val_fraction=0.05):
     """The training-data record fpmgm-train would write for these blocks, saved as a teacher folder's."""
-    from fpmgm_hf.data import TRAINING_DATA_FILE, data_record, split_blocks
+    from fpmgm_hf.data import TRAINING_DATA_FILE, data_record
     from fpmgm_hf.training import train
 
     args = train.build_parser().parse_args(["--data", corpus.txt, "--out", "unused", "--seq-len", "16",
@@ -212,7 +212,8 @@ def test_converter_frames_blocks_as_its_teacher_was_trained(corpus, tmp_path):
 def test_converter_holds_out_exactly_the_teachers_blocks(corpus, tmp_path):
     teacher, tr, val = _train_record(corpus, tmp_path, val_fraction=0.2)
     convert, args = _converter(corpus, teacher, "--val-blocks", "2", "--verify-batch", "2")
-    train_blocks, heldout, info = convert.split_data(args, corpus.tok, 16, _NoAccelerator(), convert.teacher_record(args))
+    record = convert.teacher_record(args)
+    train_blocks, heldout, info = convert.split_data(args, corpus.tok, 16, _NoAccelerator(), record)
     assert torch.equal(heldout, val) and info["matches_teacher"]  # the teacher's 0.2, read from its record
     assert torch.equal(train_blocks, tr)  # it trains on the teacher's training blocks, never on its held-out ones
     assert torch.equal(convert.verification_batch(args, corpus.tok, 16, heldout), val[:2])

@@ -201,7 +201,8 @@ def test_three_state_reuse_works_within_each_block():
 def test_generating_past_max_position_embeddings_slides_the_context():
     model = tiny_model(max_position_embeddings=16)
     widths = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(args[0].shape[1]), with_kwargs=True)
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(args[0].shape[1]),
+                                          with_kwargs=True)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=40, num_steps=2, generator=seeded(),
                          return_dict_in_generate=True)
     assert out.sequences.shape == (1, 43) and not (out.sequences == MASK).any()

@@ -84,7 +84,7 @@ class Spy:
 
     def __init__(self, model):
         self.calls = []
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = model.model.register_forward_pre_hook(self.hook, with_kwargs=True)  # generate calls the body
 
     def hook(self, module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
@@ -111,8 +111,9 @@ def test_cfg_uses_null_class_for_unconditional_branch():
 @pytest.mark.parametrize("fp_layers", [0, 1])
 def test_guidance_scale_one_equals_conditional_path(fp_layers):
     model = randomize_(tiny_model(num_fp_layers=fp_layers), std=0.3)
-    first_logits = []
-    handle = model.register_forward_hook(lambda m, a, out: first_logits.append(out.logits.detach().clone()))
+    first_logits = []  # the head inputs of every call of the denoiser body (generate runs the head apart)
+    handle = model.model.register_forward_hook(
+        lambda m, a, out: first_logits.append(out.last_hidden_state.detach().clone()))
     kw = dict(batch_size=4, seq_len=49, class_labels=torch.tensor([1, 2, 5, 7]), sampler="confidence",
               order="halton", num_steps=6, randomness=1.0, reuse="none")
     plain = model.generate(**kw, generator=torch.Generator().manual_seed(1))

@@ -36,13 +36,12 @@ from .generation_config_fpmgm import (
     merge_generation_config,
 )
 from .scheduling_fpmgm import (
-    ancestral_step,
-    confidence_step,
-    filter_log_probs,
+    ancestral_reveal,
+    confidence_select,
+    draw_rows,
     halton_order,
     loglinear_sigma,
     plan_budget,
-    subs_log_probs,
     three_state_gamma,
 )
 from .streaming_fpmgm import StreamEmitter
@@ -89,12 +88,15 @@ class FPMGMGenerationOutput(ModelOutput):
 
 
 class _WarmState:
-    """Per-row solver state carried between denoising steps of one block (explicit, never on the module)."""
+    """Per-row state carried between denoising steps of one block (explicit, never on the module). Rows are the
+    batch, or `[conditional; null-class]` (2B) under classifier-free guidance."""
 
-    def __init__(self):
-        self.fixed_point: Optional[Tensor] = None  # (B, L, D)
-        self.canvas: Optional[Tensor] = None  # (B, L): canvas at each row's last network call
-        self.logp: Optional[Tensor] = None  # (B, L, V): SUBS log-probs of that call
+    def __init__(self, batch: int, device=None):
+        self.fixed_point: Optional[Tensor] = None  # (B | 2B, L, D): z* of each row's last network call
+        self.hidden: Optional[Tensor] = None  # (B | 2B, L, D): post-block output of that call (the head's input)
+        self.cond: Optional[Tensor] = None  # (B | 2B, cond_dim): its conditioning vector
+        self.canvas: Optional[Tensor] = None  # (B, L): the canvas it saw
+        self.ran = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,): run yet in this block?
 
 
 @dataclass
@@ -232,45 +234,59 @@ class FPMGMGenerationMixin:
     # ------------------------------------------------------------------------------------------ network
 
     def _denoise(self, canvas, active, labels, t, fp_iters, init, cfg):
-        """One network call on a subset of rows; returns (logits, model output). Runs the conditional and
-        the null-class branch together when guidance is on."""
+        """One call of the denoiser body (no output head) on a subset of rows; the conditional and the null-class
+        branch run together as `[cond; null]` rows when guidance is on. Returns the base model's output."""
         # No mask when nothing is padded: SDPA takes its unmasked kernel and the solver's residual skips masking.
         mask = None if bool(active.all()) else active.long()  # (B, L)
         kwargs = dict(attention_mask=mask, fp_iters=fp_iters, fp_tol=cfg.fp_tol or 0, fp_trace=cfg.output_solver_trace)
         timesteps = loglinear_sigma(torch.full((canvas.shape[0],), t, device=canvas.device), cfg.noise_eps)
-        guided = cfg.guidance_scale is not None and labels is not None
-        if not guided:
-            out = self(canvas, timesteps=timesteps, class_labels=labels, fixed_point_init=init, **kwargs)
-            return out.logits, out
+        if not (cfg.guidance_scale is not None and labels is not None):
+            return self.model(canvas, timesteps=timesteps, class_labels=labels, fixed_point_init=init, **kwargs)
         null = torch.full_like(labels, self.config.num_classes)
         both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
         kwargs["attention_mask"] = both(kwargs["attention_mask"])
-        out = self(
-            both(canvas),
-            timesteps=both(timesteps),
-            class_labels=torch.cat([labels, null]),
-            fixed_point_init=init,
-            **kwargs,
-        )
-        cond, uncond = out.logits.chunk(2)
-        return uncond + cfg.guidance_scale * (cond - uncond), out
+        return self.model(both(canvas), timesteps=both(timesteps), class_labels=torch.cat([labels, null]),
+                          fixed_point_init=init, **kwargs)
+
+    def _logits_at(self, state: _WarmState, rows: Tensor, cols: Tensor, guided: bool, cfg):
+        """`logits_fn(start, end)` for `draw_rows`: raw (guided) logits of positions `(rows[i], cols[i])` from the
+        stored head inputs, computed a slice at a time."""
+        B = state.ran.shape[0]
+
+        def logits_fn(start: int, end: int) -> Tensor:
+            r, c = rows[start:end], cols[start:end]
+            logits = self.lm_head(state.hidden[r, c], state.cond[r])  # (k, V)
+            if not guided:
+                return logits
+            uncond = self.lm_head(state.hidden[r + B, c], state.cond[r + B])
+            return uncond + cfg.guidance_scale * (logits - uncond)
+
+        return logits_fn
 
     def _warm_start(self, state: _WarmState, fp_rows, rows, canvas, active, cfg, guided):
-        """The solver start of this call: None (h_pre), the previous z* (full) or a 3SR `WarmStart`."""
+        """The solver start of this call: None (h_pre), the previous z* (full) or a 3SR `WarmStart`. A row that has
+        not been run yet in this block (no token to draw before) starts from h_pre (weight 0 on the empty state)."""
         if cfg.reuse == "none" or state.fixed_point is None or self.config.num_fp_layers == 0:
+            return None
+        fresh = ~state.ran[rows]  # (n,)
+        if bool(fresh.all()):
             return None
         prev = state.fixed_point[fp_rows]
         if cfg.reuse == "full":
-            return prev
-        gamma = three_state_gamma(
-            state.canvas[rows],
-            canvas,
-            cfg.mask_token_id,
-            active,
-            cfg.gamma_mask_min,
-            cfg.gamma_mask_max,
-            cfg.gamma_changed,
-        )  # (n, L)
+            if not bool(fresh.any()):
+                return prev
+            gamma = torch.ones(canvas.shape, dtype=torch.float32, device=canvas.device)
+        else:
+            gamma = three_state_gamma(
+                state.canvas[rows],
+                canvas,
+                cfg.mask_token_id,
+                active,
+                cfg.gamma_mask_min,
+                cfg.gamma_mask_max,
+                cfg.gamma_changed,
+            )  # (n, L)
+        gamma = gamma.masked_fill(fresh[:, None], 0.0)
         return WarmStart(prev, torch.cat([gamma, gamma]) if guided else gamma)
 
     # ----------------------------------------------------------------------------------------- generate
@@ -396,15 +412,21 @@ class FPMGMGenerationMixin:
         return on_step
 
     def _sample_loop(self, canvas, window: _Window, labels, plan, cfg, generator, out, on_step) -> Tensor:
-        """Denoise one window for `len(plan)` steps; accumulates passes, nfe and step stats into `out`."""
+        """Denoise one window for `len(plan)` steps; accumulates passes, nfe and step stats into `out`. Each step
+        first picks the positions whose token is drawn (ancestral: those that unmask; confidence: every masked one),
+        runs the network only for rows with a pick (`use_cache`), then computes the output head and the float64
+        draw at the picked positions only."""
         B, T, mask_id = canvas.shape[0], len(plan), cfg.mask_token_id
         guided = cfg.guidance_scale is not None and labels is not None
-        state = _WarmState()
+        state = _WarmState(B, canvas.device)
         initial_masked = ((canvas == mask_id) & window.fill).sum(1)
         order = self._reveal_order(cfg, canvas.shape[1])
         for i, fp_iters in enumerate(plan):
-            t = 1 - i / T
-            rows = self._rows_to_run(state, canvas, window.fill, mask_id, cfg)
+            t, s = 1 - i / T, 1 - (i + 1) / T
+            masked = (canvas == mask_id) & window.fill  # (B, L)
+            pick = ancestral_reveal(canvas, t, s, mask_id, window.fill, generator, cfg.noise_eps) if (
+                cfg.sampler == "ancestral") else masked
+            rows = self._rows_to_run(canvas, pick, window.fill, cfg)
             stats = {
                 "fp_iters": fp_iters,
                 "iterations": torch.zeros_like(out.nfe),
@@ -417,36 +439,32 @@ class FPMGMGenerationMixin:
             if rows.numel():
                 self._run_rows(state, rows, canvas, window.active, labels, t, fp_iters, cfg, guided, out, stats)
                 out.nfe[rows] += 1
-            canvas = self._transition(canvas, state.logp, i, T, initial_masked, window.fill, order, cfg, generator)
+            canvas = self._transition(state, canvas, pick, i, T, initial_masked, window.fill, order, guided, cfg,
+                                      generator)
             out.step_stats.append(stats)
             on_step(i, canvas)
         return canvas
 
-    def _transition(self, canvas, logp, i, T, initial_masked, fill, order, cfg, generator) -> Tensor:
-        """One sampler step from the SUBS log-probs of the last network call."""
-        mask_id = cfg.mask_token_id
-        filtered = filter_log_probs(logp, cfg.temperature, cfg.top_k, cfg.top_p)
+    def _transition(self, state, canvas, pick, i, T, initial_masked, fill, order, guided, cfg, generator) -> Tensor:
+        """One sampler step: tokens (and, for the confidence sampler, their scores) drawn at the picked positions
+        only, from the logits of each row's last network call."""
+        rows, cols = pick.nonzero(as_tuple=True)  # (N,), (N,)
+        ranked = cfg.sampler == "confidence" and order is None
+        alg = (cfg.alg or "maskgit_plus") if ranked else None
+        tokens, scores = draw_rows(
+            self._logits_at(state, rows, cols, guided, cfg), rows.numel(), self.config.vocab_size, cfg.mask_token_id,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, alg=alg,
+            rank_unsharpened=cfg.temperature == 0, device=canvas.device)
+        drawn = canvas.clone()
+        drawn[rows, cols] = tokens
         if cfg.sampler == "ancestral":
-            t, s = 1 - i / T, 1 - (i + 1) / T
-            return ancestral_step(canvas, filtered, t, s, mask_id, fill, generator, cfg.noise_eps)
-        # Greedy decoding leaves one token per position: rank positions by the unsharpened distribution.
-        scored = filter_log_probs(logp, 1.0, cfg.top_k, cfg.top_p) if cfg.temperature == 0 and order is None else None
-        return confidence_step(
-            canvas,
-            filtered,
-            i,
-            T,
-            initial_masked,
-            mask_id,
-            fill,
-            generator,
-            cfg.randomness,
-            cfg.mask_schedule,
-            order,
-            alg=cfg.alg or "maskgit_plus",
-            alg_temp=cfg.alg_temp,
-            score_logp=scored,
-        )
+            return drawn
+        score = None
+        if ranked:
+            score = torch.zeros(canvas.shape, dtype=torch.float64, device=canvas.device)
+            score[rows, cols] = scores
+        return confidence_select(canvas, drawn, score, i, T, initial_masked, cfg.mask_token_id, fill, generator,
+                                 cfg.randomness, cfg.mask_schedule, order, cfg.alg_temp)
 
     def _reveal_order(self, cfg, length):
         if cfg.sampler != "confidence" or cfg.order != "halton":
@@ -459,14 +477,15 @@ class FPMGMGenerationMixin:
             )
         return halton_order(rows, cols).to(self.device)
 
-    def _rows_to_run(self, state, canvas, fill, mask_id, cfg):
-        """Rows that need a network call: any masked token left, and (with the cache) a changed canvas."""
-        pending = ((canvas == mask_id) & fill).any(1)
-        if state.canvas is not None and cfg.use_cache and not self.config.time_conditioning:
-            pending &= (canvas != state.canvas).any(1)
-        elif state.canvas is None:
-            state.canvas = canvas.clone()
-        return pending.nonzero().squeeze(1)
+    def _rows_to_run(self, canvas, pick, fill, cfg):
+        """Rows that need a network call. With the cache (default) only rows with a token to draw: a step that
+        reveals nothing in a row needs no output from it (exact, with or without time conditioning). Without it,
+        every row with a masked position, at every step (e.g. to follow the solver across all steps)."""
+        if cfg.use_cache:
+            need = pick.any(1)
+        else:
+            need = ((canvas == cfg.mask_token_id) & fill).any(1)
+        return need.nonzero().squeeze(1)
 
     def _run_rows(self, state, rows, canvas, active, labels, t, fp_iters, cfg, guided, out, stats):
         B, n = canvas.shape[0], rows.numel()
@@ -474,14 +493,18 @@ class FPMGMGenerationMixin:
         sub_canvas, sub_active = canvas[rows], active[rows]
         init = self._warm_start(state, fp_rows, rows, sub_canvas, sub_active, cfg, guided)
         sub_labels = None if labels is None else labels[rows]
-        logits, net = self._denoise(sub_canvas, sub_active, sub_labels, t, fp_iters, init, cfg)
-        logp = subs_log_probs(logits, sub_canvas, cfg.mask_token_id)  # float64 from here on
-        if state.logp is None:
-            state.logp = logp.new_zeros(canvas.shape + logp.shape[-1:])
-            state.fixed_point = net.fixed_point.new_zeros(((2 if guided else 1) * B,) + net.fixed_point.shape[1:])
-        state.logp[rows] = logp
-        state.canvas[rows] = sub_canvas
+        net = self._denoise(sub_canvas, sub_active, sub_labels, t, fp_iters, init, cfg)
+        if state.hidden is None:
+            width = (2 if guided else 1) * B
+            state.hidden = net.last_hidden_state.new_zeros((width,) + net.last_hidden_state.shape[1:])
+            state.cond = net.conditioning.new_zeros((width,) + net.conditioning.shape[1:])
+            state.fixed_point = net.fixed_point.new_zeros((width,) + net.fixed_point.shape[1:])
+            state.canvas = canvas.clone()
+        state.hidden[fp_rows] = net.last_hidden_state
+        state.cond[fp_rows] = net.conditioning
         state.fixed_point[fp_rows] = net.fixed_point
+        state.canvas[rows] = sub_canvas
+        state.ran[rows] = True
         out.block_passes[rows] += net.block_passes[:n]
         stats["iterations"][rows] = net.solver_stats.iterations[:n]
         stats["residual"][rows.cpu()] = net.solver_stats.residual[:n].float().cpu()

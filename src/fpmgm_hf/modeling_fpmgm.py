@@ -235,7 +235,12 @@ class FPMGMFinalLayer(nn.Module):
         self.adaLN_modulation = ZeroInitLinear(config.cond_dim, 2 * D)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # 2 x (B, 1, D)
+        """x: (B, L, D) with c: (B, cond_dim), or x: (N, D) with one conditioning row per position, c: (N, cond_dim)
+        (generation runs the head only where it draws tokens)."""
+        mod = self.adaLN_modulation(c)
+        if x.dim() == 3:
+            mod = mod[:, None]  # (B, 1, 2D): one modulation per sequence
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 

@@ -73,17 +73,76 @@ def filter_log_probs(
     return torch.log_softmax(logp, dim=-1)
 
 
-def sample_categorical(logp: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Exact categorical draws from log-probs (..., V) via the exponential race, in float64."""
-    noise = torch.empty(logp.shape, dtype=torch.float64, device=logp.device).exponential_(generator=generator)
-    return (logp.double() - noise.log()).argmax(-1)
+def subs_rows(logits: Tensor, mask_id: int) -> Tensor:
+    """SUBS log-probs of masked positions only, `(N, V)` float64: the mask token gets zero probability (a masked
+    position has no token to carry over)."""
+    logits = logits.double().clone()
+    logits[..., mask_id] = -math.inf
+    return torch.log_softmax(logits, dim=-1)
+
+
+def sample_categorical(logp: Tensor, generator: Optional[torch.Generator] = None,
+                       u: Optional[Tensor] = None) -> Tensor:
+    """Exact categorical draws from log-probs (..., V) by the inverse CDF in float64: one uniform per row, a
+    cumulative sum and a binary search (the exponential race needs V exponentials per row). `u` (...,): the
+    uniforms in [0, 1) to use instead of drawing them."""
+    probs = logp.double().exp()  # filtered tokens: exactly 0
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1:]
+    if u is None:
+        u = _uniform(cdf.shape[:-1], cdf.device, generator)
+    target = u.to(cdf).unsqueeze(-1) * total
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # stay inside the last bin
+    # The first index whose cdf exceeds the target: its probability is > 0, so a filtered token is never drawn.
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def _uniform(shape, device, generator) -> Tensor:
     return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
 
 
+def draw_rows(logits_fn, n: int, vocab_size: int, mask_id: int, *, temperature: float = 1.0,
+              top_k: Optional[int] = None, top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+              alg: Optional[str] = None, rank_unsharpened: bool = False, device=None,
+              max_elements: int = 1 << 25) -> tuple[Tensor, Optional[Tensor]]:
+    """Tokens for `n` masked positions, drawn in float64 from SUBS (mask token excluded) after temperature /
+    top-k / top-p, and with `alg` their confidence scores (float64; `rank_unsharpened`: scored on the temperature-1
+    distribution, for greedy decoding). `logits_fn(start, end) -> (end - start, V)` gives raw logits of a slice of
+    the positions; slices of at most `max_elements` logits are processed at a time, so no `(n, V)` float64 tensor
+    is ever built. The uniforms are drawn up front: the result does not depend on the slicing.
+    Returns `(tokens (n,), scores (n,) or None)`."""
+    u = _uniform((n,), device, generator)
+    tokens, scores = [], []
+    step = max(1, max_elements // vocab_size)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        base = subs_rows(logits_fn(start, end), mask_id)  # (k, V)
+        logp = filter_log_probs(base, temperature, top_k, top_p)
+        drawn = sample_categorical(logp, u=u[start:end])
+        tokens.append(drawn)
+        if alg is not None:
+            scored = filter_log_probs(base, 1.0, top_k, top_p) if rank_unsharpened else logp
+            scores.append(confidence_scores(scored, drawn, alg, generator))
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    out = torch.cat(tokens) if tokens else empty
+    return out, (torch.cat(scores) if scores else empty.double()) if alg is not None else None
+
+
 # ------------------------------------------------------------------------------------------ transitions
+
+
+def ancestral_reveal(canvas: Tensor, t: float, s: float, mask_id: int, active: Tensor,
+                     generator: Optional[torch.Generator] = None, eps: float = 1e-3) -> Tensor:
+    """Which masked, active positions unmask in MDLM's reverse step from t to s < t, `(B, L)` bool.
+
+    Under SUBS a masked position unmasks with probability (alpha_s - alpha_t) / (1 - alpha_t) whatever token it
+    becomes, so this is drawn first and the token only where it unmasks (reveal-first: the output head and the
+    categorical draw are paid once per position over a whole generation). At s = 0 every masked position unmasks.
+    """
+    m_t, m_s = (1 - eps) * t, (1 - eps) * s
+    reveal_prob = 1.0 if s <= 0 else (m_t - m_s) / m_t
+    masked = (canvas == mask_id) & active
+    return masked & (_uniform(canvas.shape, canvas.device, generator) < reveal_prob)
 
 
 def ancestral_step(
@@ -96,18 +155,17 @@ def ancestral_step(
     generator: Optional[torch.Generator] = None,
     eps: float = 1e-3,
 ) -> Tensor:
-    """MDLM's reverse step from time t to s < t (log-linear schedule, SUBS).
+    """MDLM's reverse step from time t to s < t (log-linear schedule, SUBS) given full log-probs.
 
     Each masked, active position is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), its token
     drawn from p(x0 | x_t); at s = 0 every masked position is revealed. Visible tokens never change.
-    canvas: (B, L); logp_x0: (B, L, V) already filtered; active: (B, L) bool (False = padding).
+    canvas: (B, L); logp_x0: (B, L, V) already filtered; active: (B, L) bool (False = padding). `generate`
+    takes the same step without the full log-probs (`ancestral_reveal` + `draw_rows`).
     """
-    m_t, m_s = (1 - eps) * t, (1 - eps) * s
-    reveal_prob = 1.0 if s <= 0 else (m_t - m_s) / m_t
-    masked = (canvas == mask_id) & active
-    reveal = masked & (_uniform(canvas.shape, canvas.device, generator) < reveal_prob)
-    tokens = sample_categorical(logp_x0, generator)
-    return torch.where(reveal, tokens, canvas)
+    reveal = ancestral_reveal(canvas, t, s, mask_id, active, generator, eps)
+    out = canvas.clone()
+    out[reveal] = sample_categorical(logp_x0[reveal], generator)
+    return out
 
 
 def mask_schedule(ratio: Tensor, kind: str = "cosine") -> Tensor:
@@ -159,17 +217,44 @@ def confidence_step(
     alg_temp: float = 0.0,
     score_logp: Optional[Tensor] = None,
 ) -> Tensor:
-    """MaskGIT step: draw a token at every masked position, then keep the k most confident.
+    """MaskGIT step given full log-probs `logp_x0 (B, L, V)`: draw a token at every masked position, score it by
+    `alg` on `score_logp` (default `logp_x0`; greedy decoding passes the unsharpened distribution so that scores are
+    not all tied), then `confidence_select`. `generate` takes the same step from the masked positions' logits only
+    (`draw_rows`)."""
+    masked = (canvas == mask_id) & active
+    tokens = torch.where(masked, sample_categorical(logp_x0, generator), canvas)
+    score = None
+    if order is None:
+        score = confidence_scores(logp_x0 if score_logp is None else score_logp, tokens, alg, generator)
+    return confidence_select(canvas, tokens, score, step, num_steps, initial_masked, mask_id, active, generator,
+                             randomness, schedule, order, alg_temp)
+
+
+def confidence_select(
+    canvas: Tensor,
+    tokens: Tensor,
+    score: Optional[Tensor],
+    step: int,
+    num_steps: int,
+    initial_masked: Tensor,
+    mask_id: int,
+    active: Tensor,
+    generator: Optional[torch.Generator] = None,
+    randomness: float = 0.0,
+    schedule: str = "cosine",
+    order: Optional[Tensor] = None,
+    alg_temp: float = 0.0,
+) -> Tensor:
+    """MaskGIT's selection: keep the drawn `tokens (B, L)` at the k most confident masked positions by `score (B, L)`
+    (float64, read at masked positions only).
 
     k makes each row's masked count follow `schedule` from `initial_masked` (B,) to 0 at the last step,
-    at least one token per step while any is masked. Confidence is scored by `alg` (see `confidence_scores`)
-    on `score_logp` (default `logp_x0`; greedy decoding passes the unsharpened distribution so that scores
-    are not all tied), plus Gumbel noise scaled by `randomness * (1 - progress)` (MaskGIT, annealed) +
-    `alg_temp` (Dream: positions drawn from softmax(score / alg_temp), i.e. Gumbel-top-k). With `order` (L,)
-    (e.g. Halton), positions are revealed in that fixed order instead.
+    at least one token per step while any is masked. The score gets Gumbel noise scaled by
+    `randomness * (1 - progress)` (MaskGIT, annealed) + `alg_temp` (Dream: positions drawn from
+    softmax(score / alg_temp), i.e. Gumbel-top-k). With `order` (L,) (e.g. Halton), positions are revealed in that
+    fixed order instead and `score` is not used.
     """
     masked = (canvas == mask_id) & active
-    tokens = sample_categorical(logp_x0, generator)
     progress = torch.tensor((step + 1) / num_steps, dtype=torch.float64)
     keep_masked = torch.floor(initial_masked.double() * mask_schedule(progress, schedule)).long()
     n_masked = masked.sum(1)
@@ -181,7 +266,7 @@ def confidence_step(
         rank[order] = torch.arange(order.numel(), device=order.device)
         score = -rank.double().expand(canvas.shape).clone()
     else:
-        score = confidence_scores(logp_x0 if score_logp is None else score_logp, tokens, alg, generator)
+        score = score.double()
         if randomness > 0 or alg_temp > 0:
             gumbel = -torch.log(-torch.log(_uniform(canvas.shape, canvas.device, generator).clamp_min(1e-20)))
             score = score + (randomness * (1 - float(progress)) + alg_temp) * gumbel

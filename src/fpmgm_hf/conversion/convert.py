@@ -254,7 +254,8 @@ def data_blocks(args, tokenizer, seq_len: int, wrap: str, max_blocks: Optional[i
                        num_proc=args.num_proc, cache_dir=args.data_cache_dir, max_blocks=max_blocks)
 
 
-def split_data(args, tokenizer, seq_len: int, state, record: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def split_data(args, tokenizer, seq_len: int, state,
+               record: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`(train, heldout, info)` blocks of --data. The held-out blocks are the last --val-fraction, as fpmgm-train
     and the evaluations hold out, and they must be the teacher's own held-out blocks when its record names the
     same data, length and framing; with --max-train-blocks they are the first blocks read instead."""
@@ -278,9 +279,9 @@ def split_data(args, tokenizer, seq_len: int, state, record: Optional[dict]) -> 
         data_name(args.data), seq_len, wrap)
     if same_data and not head and info["heldout_fingerprint"] != record.get("heldout_fingerprint"):
         raise ValueError(f"the held-out blocks of --data {args.data!r} ({heldout.shape[0]} blocks, fingerprint "
-                         f"{info['heldout_fingerprint']}) are not the teacher's ({record.get('heldout_blocks')} blocks, "
-                         f"{record.get('heldout_fingerprint')}): fine-tuning would train on text the teacher held "
-                         f"out. Use the teacher's --val-fraction ({record['val_fraction']}) and the same data.")
+                         f"{info['heldout_fingerprint']}) are not the teacher's ({record.get('heldout_blocks')} "
+                         f"blocks, {record.get('heldout_fingerprint')}): fine-tuning would train on text the teacher "
+                         f"held out. Use the teacher's --val-fraction ({record['val_fraction']}) and the same data.")
     info["matches_teacher"] = bool(same_data and not head)
     return train, heldout, info
 

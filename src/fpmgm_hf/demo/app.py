@@ -464,7 +464,7 @@ def _stream(loaded: LoadedModel, call, initial: torch.Tensor, total: int, delay_
         except BaseException as err:  # handed to the page's thread, which reports it
             events.put(("error", err, None))
 
-    handle = loaded.model.register_forward_hook(hook)
+    handle = loaded.model.model.register_forward_hook(hook)  # the denoiser body: what generate calls
     worker = threading.Thread(target=work, name=f"generate-{loaded.name}", daemon=True)
     worker.start()
     try:

@@ -106,12 +106,14 @@ def logit_kl_by_iters(model, blocks: Tensor, iters: Sequence[int] = ITERS, *, ra
 
 
 class _CallRecorder:
-    """Forward hooks that keep every denoiser call of a `generate` run: inputs, warm start and fixed point."""
+    """Forward hooks on the denoiser body (`model.model`, which `generate` calls; the output head runs apart) that
+    keep every call of a `generate` run: inputs, warm start and fixed point."""
 
     def __init__(self, model):
         self.calls: list[dict] = []
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post, with_kwargs=True)]
+        body = model.model
+        self._handles = [body.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         body.register_forward_hook(self._post, with_kwargs=True)]
 
     def _pre(self, module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
@@ -155,7 +157,7 @@ def start_residuals(model, *, seq_len: int, steps: Sequence[int] = (8, 32, 96), 
             finally:
                 recorder.remove()
             found = {"h_pre": [], "3sr": [], "full": []}
-            for prev, call in zip(recorder.calls, recorder.calls[1:]):
+            for prev, call in zip(recorder.calls, recorder.calls[1:], strict=False):
                 if prev["fixed_point"].shape != call["input_ids"].shape + prev["fixed_point"].shape[-1:]:
                     continue  # a row finished early: the batches no longer line up
                 if not isinstance(call["init"], WarmStart):
