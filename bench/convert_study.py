@@ -159,7 +159,8 @@ def main(argv=None):
         body = ["# Conversion recipes at equal fine-tuning steps", "",
                 f"Written by `python bench/convert_study.py --steps {args.steps}`: "
                 f"{teacher.config.num_pre_layers}-block MDLM teacher -> FP-MDLM 1/1/1, {args.steps} fine-tuning "
-                f"steps per recipe (batch {args.batch}), the teacher's data, framing and held-out split; distances on {val.shape[0]} held-out blocks, the same "
+                f"steps per recipe (batch {args.batch}), the teacher's data, framing and held-out split; "
+                f"distances on {val.shape[0]} held-out blocks, the same "
                 "masks for every model. 'at start': right after mapping (`--dry-run`).", "",
                 table(results, teacher_nelbo), "",
                 f"Teacher layer CKA (consecutive layers): {', '.join(map(str, consecutive))} "

@@ -51,7 +51,10 @@ def parse_args(argv=None):
     a("--steps", type=int, default=5000, help="pretraining steps of MDLM and FP-MDLM")
     a("--lr", type=float, default=1e-3, help="peak learning rate of MDLM and FP-MDLM")
     a("--cons-steps", type=int, default=600, help="consistency-stage steps (CoFRe)")
-    a("--conv-steps", type=int, default=1200, help="conversion fine-tuning steps (then --cons-steps of consistency)")
+    a("--conv-steps", type=int, default=500, help="conversion fine-tuning steps (10%% of the teacher's)")
+    a("--conv-recipe", default="",
+      help="extra converter flags of the conversion row (the recipe bench/convert_study.py picked), e.g. "
+           "'--hidden-weight 1.0'")
     a("--lm-steps", type=int, default=2500, help="training steps of the character-level evaluation LM")
     a("--budgets", type=int, nargs="+", default=[24, 48, 96, 192, 384, 768], help="sweep budgets")
     a("--side-budgets", type=int, nargs="+", default=[24, 96, 384],
@@ -171,16 +174,14 @@ def cons_cmd(args, out, name: str, steps: int, stop: bool) -> list:
 
 
 def conv_cmd(args, out) -> list:
-    """The MDLM converted by the documented path: layers 1, middle, last -> 1/1/1, distillation, consistency."""
-    L = args.mdlm_layers
+    """The MDLM converted by the documented path (`--map auto`, the teacher's framing and held-out split, read from
+    its training_data.json) with the recipe `--conv-recipe`, for --conv-steps fine-tuning steps."""
     return [Path(PY).parent / "accelerate", "launch", "--num_processes", 1, "--cpu", "conversion/convert.py",
-            "--mdlm", out / "mdlm" / "final", "--map", f"1,{(L + 1) // 2},{L}", "--layers", "1/1/1",
-            "--tokenizer", out / "tokenizer", "--data", "shakespeare", "--seq-len", args.seq_len,
-            "--steps", args.conv_steps, "--batch-size", args.batch, "--lr", args.lr,
-            "--kl-warmup", max(1, args.conv_steps // 5), "--consistency-weight", 0.1,
-            "--consistency-steps", args.cons_steps, "--consistency-warmup", max(1, args.cons_steps // 5),
-            "--eval-every", max(50, args.conv_steps // 10), "--save-every", max(50, args.conv_steps // 10),
-            "--seed", args.seed, "--output", out / "conv", "--work-dir", out / "conv-work", "--resume", "latest"]
+            "--mdlm", out / "mdlm" / "final", "--layers", "1/1/1", "--data", "shakespeare", "--seq-len", args.seq_len,
+            "--steps", args.conv_steps, "--batch-size", args.batch, "--kl-warmup", max(1, args.conv_steps // 5),
+            "--consistency-warmup", max(1, args.conv_steps // 5), "--eval-every", max(50, args.conv_steps // 10),
+            "--save-every", max(50, args.conv_steps // 10), "--seed", args.seed, "--output", out / "conv",
+            "--work-dir", out / "conv-work", "--resume", "latest", *args.conv_recipe.split()]
 
 
 def stage_post(args, out):
@@ -195,8 +196,7 @@ def stage_post(args, out):
     if not done(out / "cons-long" / "final"):
         jobs.append(("cons-long", cons_cmd(args, out, "cons-long", 3 * args.cons_steps, stop=False)))
     if not done(out / "fp-short" / "final"):
-        jobs.append(("fp-short", train_cmd(args, out, "fp-short", args.conv_steps + args.cons_steps,
-                                           layers=(1, 1, 1))))
+        jobs.append(("fp-short", train_cmd(args, out, "fp-short", args.conv_steps, layers=(1, 1, 1))))
     parallel(jobs, out, workers=args.workers)
 
 
@@ -288,7 +288,7 @@ def sweep_jobs(args, out) -> list[tuple[str, list]]:
         # with 1-2 iterations per step the decreasing schedule rounds to the fixed one: compare them at 4
         (f"{SCHED}|decreasing", ["--reuse", "3sr", "--fp-schedule", "decreasing", *sched]),
         (f"{SCHED}|fixed", ["--reuse", "3sr", "--fp-schedule", "fixed", *sched]),
-        ("FP-MDLM, scratch (conversion steps)", ["--reuse", "3sr", *side]),
+        ("FP-MDLM, scratch (conversion steps)", ["--reuse", "3sr"]),
         ("FP-MDLM + L_CONS (3x, no stop)", ["--reuse", "3sr", *side]),
         ("FP-MDLM + L_CONS|tol", ["--reuse", "3sr", "--fp-tol", args.fp_tol, *side]),
     ]
