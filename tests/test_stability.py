@@ -222,6 +222,31 @@ def test_residual_penalty_reaches_the_objective():
     assert reg.eval()(x0).fixed_point_loss is None  # training only
 
 
+def test_deep_hinged_residual_penalty_measures_a_later_iterate_and_spares_a_converged_map():
+    from fpmgm_hf.fixed_point_fpmgm import differentiable_residual
+
+    x0 = torch.randint(0, MASK, (2, 8))
+    common = dict(fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2), fp_residual_reg=1.0)
+    deep = tiny_model(fp_residual_reg_iters=6, **common).train()
+    _, aux = mdlm_nelbo(deep, x0, generator=torch.Generator().manual_seed(0))
+    # Reference: the same map by hand, 2 graph iterations from h_pre, 6 more, then one: its relative residual.
+    with torch.no_grad():
+        out = deep.eval()(aux["z"], timesteps=None, fp_iters=8, fp_tol=0)
+        z8 = out.fixed_point
+        z9 = deep(aux["z"], fp_iters=9, fp_tol=0).fixed_point
+    expected = differentiable_residual(z9, z8, None)
+    torch.testing.assert_close(aux["output"].fixed_point_loss, expected, rtol=1e-4, atol=1e-6)
+    # The hinge: a tolerance above the deep residual asks nothing (no penalty, no gradient).
+    hinged = tiny_model(fp_residual_reg_iters=6, fp_residual_reg_tol=float(expected) * 2, **common).train()
+    _, aux = mdlm_nelbo(hinged, x0, generator=torch.Generator().manual_seed(0))
+    assert float(aux["output"].fixed_point_loss) == 0.0
+    shallow = tiny_model(**common).train()  # the last graph iteration: a larger residual than 6 iterations later
+    _, aux_shallow = mdlm_nelbo(shallow, x0, generator=torch.Generator().manual_seed(0))
+    assert float(aux_shallow["output"].fixed_point_loss) > float(expected)
+    never = tiny_model(fp_residual_reg_prob=1e-9, **common).train()  # paid on (almost) no step
+    assert never(x0, generator=torch.Generator().manual_seed(0)).fixed_point_loss is None
+
+
 def test_config_rejects_bad_stability_fields():
     with pytest.raises(ValueError, match="fp_decay_init"):
         FPMGMConfig(fp_decay_init=1.0)
@@ -229,6 +254,10 @@ def test_config_rejects_bad_stability_fields():
         FPMGMConfig(fp_divergence_patience=0)
     with pytest.raises(ValueError, match="fp_jacobian_reg_prob"):
         FPMGMConfig(fp_jacobian_reg_prob=0.0)
+    for name, value in (("fp_residual_reg_iters", -1), ("fp_residual_reg_tol", -0.1), ("fp_residual_reg_prob", 0.0),
+                        ("fp_residual_reg_iters", 10**6)):
+        with pytest.raises(ValueError, match=name):
+            FPMGMConfig(**{name: value})
     with pytest.raises(ValueError, match="injection"):
         FPMGMConfig(injection="parcae")
 

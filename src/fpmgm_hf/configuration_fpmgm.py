@@ -74,6 +74,14 @@ class FPMGMConfig(PretrainedConfig):
             a shared block that does nothing: at weight 1 the block's update shrinks to ~6% of its input and the
             iterations stop mattering (docs/depth). Without it the constrained map still converges (residual
             ~1e-4 after 32 iterations) and its block does real work.
+        fp_residual_reg_iters (`int`, defaults to 0): where the residual penalty is measured. 0: at the last S-JFB
+            graph iteration. k > 0: after k more iterations without a graph, on one more iteration with a graph,
+            i.e. at a depth sampling rarely reaches: a contraction that does its work in the first iterations has
+            converged there and pays nothing, while a limit cycle (a bounded map that never settles) still pays.
+        fp_residual_reg_tol (`float`, defaults to 0.0): hinge of the residual penalty, `weight * max(0, r - tol)`:
+            nothing is asked of a map already converged to `tol`.
+        fp_residual_reg_prob (`float`, defaults to 1.0): fraction of training forwards that pay for the residual
+            penalty (the deep variant costs k no-grad iterations and one graph iteration).
             Both penalties come back as `fixed_point_loss` on the output and the objectives add it.
         fp_train_nograd_iters (`(int, int)`, defaults to (0, 4)): S-JFB no-grad iterations ~ U{lo..hi}.
         fp_train_grad_iters (`(int, int)`, defaults to (3, 6)): S-JFB graph iterations ~ U{lo..hi}.
@@ -120,6 +128,9 @@ class FPMGMConfig(PretrainedConfig):
         fp_jacobian_reg=0.0,
         fp_jacobian_reg_prob=1.0,
         fp_residual_reg=0.0,
+        fp_residual_reg_iters=0,
+        fp_residual_reg_tol=0.0,
+        fp_residual_reg_prob=1.0,
         fp_train_nograd_iters=(0, 4),
         fp_train_grad_iters=(3, 6),
         anderson_memory=5,
@@ -154,6 +165,9 @@ class FPMGMConfig(PretrainedConfig):
         self.fp_jacobian_reg = fp_jacobian_reg
         self.fp_jacobian_reg_prob = fp_jacobian_reg_prob
         self.fp_residual_reg = fp_residual_reg
+        self.fp_residual_reg_iters = fp_residual_reg_iters
+        self.fp_residual_reg_tol = fp_residual_reg_tol
+        self.fp_residual_reg_prob = fp_residual_reg_prob
         self.fp_train_nograd_iters = fp_train_nograd_iters
         self.fp_train_grad_iters = fp_train_grad_iters
         self.anderson_memory = anderson_memory
@@ -200,6 +214,9 @@ class FPMGMConfig(PretrainedConfig):
         _check_float("fp_jacobian_reg", self.fp_jacobian_reg, 0, math.inf, high_open=True)
         _check_float("fp_jacobian_reg_prob", self.fp_jacobian_reg_prob, 0, 1, low_open=True)
         _check_float("fp_residual_reg", self.fp_residual_reg, 0, math.inf, high_open=True)
+        _check_int("fp_residual_reg_iters", self.fp_residual_reg_iters, 0, 1000)
+        _check_float("fp_residual_reg_tol", self.fp_residual_reg_tol, 0, math.inf, high_open=True)
+        _check_float("fp_residual_reg_prob", self.fp_residual_reg_prob, 0, 1, low_open=True)
         if self.fp_solver not in SOLVERS:
             _fail("fp_solver", self.fp_solver, list(SOLVERS))
         _check_int("fp_max_iter", self.fp_max_iter, 1)

@@ -481,16 +481,28 @@ class FPMGMModel(FPMGMPreTrainedModel):
         stats.iterations += n + m
         stats.residual = relative_residual(z.detach(), z_prev.detach(), token_mask)
         penalty = None
-        if cfg.fp_residual_reg > 0:
-            penalty = cfg.fp_residual_reg * differentiable_residual(z, z_prev, token_mask)
-        if cfg.fp_jacobian_reg > 0 and self._jacobian_step(generator):
+        if cfg.fp_residual_reg > 0 and self._paid_step(cfg.fp_residual_reg_prob, generator):
+            penalty = self._residual_penalty(f, z, z_prev, token_mask)
+        if cfg.fp_jacobian_reg > 0 and self._paid_step(cfg.fp_jacobian_reg_prob, generator):
             jac = cfg.fp_jacobian_reg * jacobian_frobenius(f, z, token_mask, generator)
             penalty = jac if penalty is None else penalty + jac
         return z, stats, penalty
 
-    def _jacobian_step(self, generator) -> bool:
-        """Whether this training forward pays for the Jacobian penalty (a draw only when it is not always)."""
-        prob = self.config.fp_jacobian_reg_prob
+    def _residual_penalty(self, f, z, z_prev, token_mask):
+        """The weighted relative-residual penalty: at the last graph iteration (`z_prev -> z`), or after
+        `fp_residual_reg_iters` more no-grad iterations on one more graph iteration; hinged at `fp_residual_reg_tol`."""
+        cfg = self.config
+        if cfg.fp_residual_reg_iters:
+            with torch.no_grad():
+                z_prev, _ = self._solve(f, z.detach(), token_mask, cfg.fp_residual_reg_iters, 0)
+            z = f(z_prev, None)
+        r = differentiable_residual(z, z_prev, token_mask)
+        return cfg.fp_residual_reg * (r - cfg.fp_residual_reg_tol).clamp_min(0)
+
+    @staticmethod
+    def _paid_step(prob: float, generator) -> bool:
+        """Whether this training forward pays for a penalty applied with probability `prob` (a draw only when
+        it is not always)."""
         return prob >= 1 or bool(torch.rand((), generator=generator) < prob)
 
 
