@@ -197,14 +197,14 @@ def test_consistency_loss_matches_independent_computation():
     out = model(z_s, timesteps=loglinear_sigma(t_s, EPS), generator=g)
     model.eval()
     with torch.no_grad():
-        h_c = model(z_c, timesteps=loglinear_sigma(t_c, EPS)).hidden_states
+        h_c = model(z_c, timesteps=loglinear_sigma(t_c, EPS)).last_hidden_state
     model.train()
     task = (reference_nll(out.logits, x0, student) / t_s.double()[:, None]).sum() / x0.numel()
     def standardise(h):  # LayerNorm without weights, written out
         h = h.double()
         return (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
 
-    per_pos = ((standardise(out.hidden_states) - standardise(h_c)) ** 2).mean(-1)
+    per_pos = ((standardise(out.last_hidden_state) - standardise(h_c)) ** 2).mean(-1)
     cons = per_pos[student].mean().float()
     expected = task.float() + w * cons
 

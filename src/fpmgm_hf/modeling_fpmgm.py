@@ -6,16 +6,13 @@ Hub-portable: imports only torch, transformers, the standard library and sibling
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_fpmgm import FPMGMConfig
@@ -29,15 +26,37 @@ from .fixed_point_fpmgm import (
     jacobian_frobenius,
 )
 from .generation_fpmgm import FPMGMGenerationMixin
+from .layers_fpmgm import (  # noqa: F401  (the layers' public names stay importable from here)
+    FPMGMAttention,
+    FPMGMBlock,
+    FPMGMConditioning,
+    FPMGMFinalLayer,
+    FPMGMLayerNorm,
+    FPMGMTimestepEmbedder,
+    ZeroInitLinear,
+    apply_rotary,
+    eager_attention_forward,
+    modulate,
+    rotary_tables,
+)
+from .loss_fpmgm import mdlm_nelbo
 from .solver_fpmgm import SolverStats, get_solver, relative_residual
 from .validation_fpmgm import CheckedWeightsMixin
 
 Tensor = torch.Tensor
 
 
+HIDDEN_STATES_DOC = """hidden_states (`tuple` of `(B, L, D)`, with `output_hidden_states=True`): the embeddings, the output of
+        each pre block, the fixed point `z*` (one entry, standing for the whole implicit middle, however many
+        iterations the solver ran), and the output of each post block. `last_hidden_state` is the last entry.
+    attentions (`tuple` of `(B, H, L, L)`, with `output_attentions=True`): the attention weights of each pre block,
+        of each shared block at the fixed point `z*` (one extra, uncounted evaluation of the map), and of each post
+        block. They are computed by the eager kernel whatever `attn_implementation` is."""
+
+
 @dataclass
 class FPMGMModelOutput(ModelOutput):
-    """Output of [`FPMGMModel`].
+    __doc__ = f"""Output of [`FPMGMModel`].
 
     last_hidden_state (`(B, L, D)`): output of the post blocks (before the final norm).
     conditioning (`(B, cond_dim)`): the adaLN conditioning vector.
@@ -47,6 +66,7 @@ class FPMGMModelOutput(ModelOutput):
     block_passes (`LongTensor (B,)`): transformer-block evaluations, K_pre + iterations * K_fp + K_post.
     fixed_point_loss (scalar): training mode with `fp_jacobian_reg` / `fp_residual_reg` > 0: the weighted
         regulariser of the fixed-point map; the objectives add it to the task loss.
+    {HIDDEN_STATES_DOC}
     """
 
     last_hidden_state: Optional[Tensor] = None
@@ -56,192 +76,36 @@ class FPMGMModelOutput(ModelOutput):
     solver_stats: Optional[SolverStats] = None
     block_passes: Optional[Tensor] = None
     fixed_point_loss: Optional[Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
 
 
 @dataclass
 class FPMGMOutput(ModelOutput):
-    """Output of [`FPMGMForMaskedGeneration`].
+    __doc__ = f"""Output of [`FPMGMForMaskedGeneration`].
 
-    logits (`(B, L, V)`): raw token scores (SUBS and sampling live outside the model).
-    hidden_states (`(B, L, D)`): final pre-logit states (post-block output), used by the consistency loss.
+    loss (scalar, with `labels`): MDLM's NELBO of the labels (fixed-point regulariser included in training mode).
+    logits (`(B, L, V)`): raw token scores (SUBS and sampling live outside the model); with `labels`, of the masked
+        canvas the loss drew.
+    last_hidden_state (`(B, L, D)`): final pre-logit states (post-block output), used by the consistency loss.
     fixed_point (`(B, L, D)`): `z*` per token, to warm-start the next denoising step.
     pre_fixed_point (`(B, L, D)`): `h_pre`, for three-state reuse.
     solver_stats ([`SolverStats`]): per-sample iterations and final relative residual.
     block_passes (`LongTensor (B,)`): transformer-block evaluations of this call.
     fixed_point_loss (scalar): the weighted fixed-point regulariser in training mode (see [`FPMGMModelOutput`]).
+    {HIDDEN_STATES_DOC}
     """
 
+    loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
-    hidden_states: Optional[Tensor] = None
+    last_hidden_state: Optional[Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
     fixed_point: Optional[Tensor] = None
     pre_fixed_point: Optional[Tensor] = None
     solver_stats: Optional[SolverStats] = None
     block_passes: Optional[Tensor] = None
     fixed_point_loss: Optional[Tensor] = None
-
-
-# ----------------------------------------------------------------------------------------------- layers
-
-
-class FPMGMLayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias, computed in float32 (as MDLM)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.dim = dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.float(), [self.dim]) * self.weight.float()
-        return y.to(x.dtype)
-
-
-class ZeroInitLinear(nn.Linear):
-    """A Linear initialised to zero (adaLN modulations and the output head, as MDLM)."""
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x: (B, L, D); shift, scale: (B, 1, D)."""
-    return x * (1 + scale) + shift
-
-
-def rotary_tables(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for non-interleaved rotary embeddings.
-
-    positions (`(L, P)`): P position axes (1 for text, 2 for image grids); the head dim is split into P
-    equal chunks, one per axis. Returns cos, sin of shape `(L, head_dim)` in float32.
-    """
-    L, P = positions.shape
-    chunk = head_dim // P
-    inv_freq = 1.0 / base ** (torch.arange(0, chunk, 2, device=positions.device, dtype=torch.float32) / chunk)
-    tables = []
-    for axis in range(P):
-        freqs = positions[:, axis, None].float() * inv_freq  # (L, chunk/2)
-        tables.append(torch.cat([freqs, freqs], dim=-1))  # (L, chunk)
-    angles = torch.cat(tables, dim=-1)  # (L, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, axes: int = 1) -> Tensor:
-    """Rotate x `(B, H, L, hd)` with tables `(L, hd)`; each of the `axes` chunks of hd rotates on its own."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if axes == 1:
-        return x * cos + _rotate_half(x) * sin
-    parts = [_rotate_half(p) for p in x.chunk(axes, dim=-1)]
-    return x * cos + torch.cat(parts, dim=-1) * sin
-
-
-class FPMGMAttention(nn.Module):
-    """Bidirectional multi-head attention with packed qkv (no bias) and rotary q/k, via torch SDPA."""
-
-    def __init__(self, config: FPMGMConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.rotary_axes = 2 if config.position_encoding == "rope_2d" else 1
-        self.attn_qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.attn_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Optional[Tensor]) -> Tensor:
-        B, L, D = x.shape
-        qkv = self.attn_qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # packed [q | k | v]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, hd)
-        q = apply_rotary(q, *rope, axes=self.rotary_axes)
-        k = apply_rotary(k, *rope, axes=self.rotary_axes)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
-        return self.attn_out(out.transpose(1, 2).reshape(B, L, D))
-
-
-class FPMGMBlock(GradientCheckpointingLayer):
-    """A DiT block laid out as MDLM's DDiTBlock: pre-LN, adaLN shift/scale/gate, gated residuals."""
-
-    def __init__(self, config: FPMGMConfig):
-        super().__init__()
-        D = config.hidden_size
-        self.norm1 = FPMGMLayerNorm(D)
-        self.attn = FPMGMAttention(config)
-        self.norm2 = FPMGMLayerNorm(D)
-        self.mlp = nn.Sequential(
-            nn.Linear(D, config.mlp_ratio * D), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * D, D)
-        )
-        self.adaLN_modulation = ZeroInitLinear(config.cond_dim, 6 * D)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Optional[Tensor]) -> Tensor:
-        """x: (B, L, D); c: (B, cond_dim); attn_mask: (B, 1, 1, L) bool or None."""
-        mod = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # 6 x (B, 1, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, attn_mask)
-        x = x + gate_msa * self.dropout(h)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + gate_mlp * self.dropout(h)
-
-
-class FPMGMTimestepEmbedder(nn.Module):
-    """Sinusoidal features [cos | sin] of width 256, then Linear -> SiLU -> Linear (MDLM's sigma_map)."""
-
-    frequency_size = 256
-
-    def __init__(self, cond_dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.frequency_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-
-    def forward(self, t: Tensor) -> Tensor:
-        half = self.frequency_size // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]  # (B, half)
-        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
-
-
-class FPMGMConditioning(nn.Module):
-    """c = SiLU(sigma_map(t) + class_embed(y)) of shape (B, cond_dim). Without time conditioning t = 0
-    (MDLM-OWT); with `num_classes > 0`, class id `num_classes` is the null class (classifier-free guidance)."""
-
-    def __init__(self, config: FPMGMConfig):
-        super().__init__()
-        self.time_conditioning, self.num_classes = config.time_conditioning, config.num_classes
-        self.sigma_map = FPMGMTimestepEmbedder(config.cond_dim)
-        self.class_embed = nn.Embedding(config.num_classes + 1, config.cond_dim) if config.num_classes else None
-
-    def forward(self, batch: int, device, timesteps: Optional[Tensor], class_labels: Optional[Tensor]) -> Tensor:
-        if self.time_conditioning:
-            if timesteps is None:
-                raise ValueError("`timesteps` is required because config.time_conditioning=True.")
-            t = timesteps.to(device).float().expand(batch) if timesteps.dim() == 0 else timesteps.to(device)
-        else:
-            t = torch.zeros(batch, device=device)
-        c = self.sigma_map(t)
-        if self.class_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
-            c = c + self.class_embed(class_labels)
-        return F.silu(c)
-
-
-class FPMGMFinalLayer(nn.Module):
-    """norm_final -> modulate(shift, scale from c) -> linear with bias (MDLM's DDitFinalLayer)."""
-
-    def __init__(self, config: FPMGMConfig):
-        super().__init__()
-        D = config.hidden_size
-        self.norm_final = FPMGMLayerNorm(D)
-        linear_cls = nn.Linear if config.tie_word_embeddings else ZeroInitLinear
-        self.linear = linear_cls(D, config.vocab_size)
-        self.adaLN_modulation = ZeroInitLinear(config.cond_dim, 2 * D)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, L, D) with c: (B, cond_dim), or x: (N, D) with one conditioning row per position, c: (N, cond_dim)
-        (generation runs the head only where it draws tokens)."""
-        mod = self.adaLN_modulation(c)
-        if x.dim() == 3:
-            mod = mod[:, None]  # (B, 1, 2D): one modulation per sequence
-        shift, scale = mod.chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -351,8 +215,9 @@ class FPMGMModel(FPMGMPreTrainedModel):
         fp_tol: Optional[float] = None,
         fp_trace: bool = False,
         generator: Optional[torch.Generator] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        **kwargs,
     ) -> Union[FPMGMModelOutput, tuple]:
         r"""
         Args:
@@ -367,27 +232,32 @@ class FPMGMModel(FPMGMPreTrainedModel):
                 0 disables early stopping).
             fp_trace (`bool`): eval mode: also record the residual of every iteration (`solver_stats.trace`).
             generator (`torch.Generator`): draws the S-JFB iteration counts in training mode.
+            output_hidden_states / output_attentions (`bool`, default from the config): see [`FPMGMModelOutput`].
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        cfg = self.config
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        want_hidden = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        want_attn = cfg.output_attentions if output_attentions is None else output_attentions
         self._check_inputs(input_ids, class_labels, attention_mask)
         B, L = input_ids.shape
         token_mask = None if attention_mask is None else attention_mask.bool()  # (B, L)
         attn_mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, L) keys
         c = self.conditioning(B, input_ids.device, timesteps, class_labels)  # (B, cond_dim)
-        rope = rotary_tables(self._positions(L, input_ids.device), self.config.head_dim)
+        rope = rotary_tables(self._positions(L, input_ids.device), cfg.head_dim)
+        hidden, attn = ([] if want_hidden else None), ([] if want_attn else None)
         x = self.embed_tokens(input_ids)  # (B, L, D)
-        for block in self.pre_blocks:
-            x = block(x, c, rope, attn_mask)
+        x = self._stack(self.pre_blocks, x, c, rope, attn_mask, hidden, attn)
         h_pre = x
-        z, stats, penalty = self._fixed_point(
+        z, stats, penalty, f = self._fixed_point(
             h_pre, c, rope, attn_mask, token_mask, fixed_point_init, (fp_iters, fp_tol, fp_trace), generator
         )
-        x = z
-        for block in self.post_blocks:
-            x = block(x, c, rope, attn_mask)
-        passes = (
-            self.config.num_pre_layers + self.config.num_post_layers
-        ) + stats.iterations * self.config.num_fp_layers
+        if hidden is not None and f is not None:
+            hidden.append(z)
+        if attn is not None and f is not None:
+            with torch.no_grad():
+                f(z, None, attn)  # the shared block's attention at the fixed point (not counted as a pass)
+        x = self._stack(self.post_blocks, z, c, rope, attn_mask, hidden, attn)
+        passes = (cfg.num_pre_layers + cfg.num_post_layers) + stats.iterations * cfg.num_fp_layers
         out = FPMGMModelOutput(
             last_hidden_state=x,
             conditioning=c,
@@ -396,8 +266,21 @@ class FPMGMModel(FPMGMPreTrainedModel):
             solver_stats=stats,
             block_passes=passes,
             fixed_point_loss=penalty,
+            hidden_states=None if hidden is None else tuple(hidden),
+            attentions=None if attn is None else tuple(attn),
         )
         return out if return_dict else out.to_tuple()
+
+    @staticmethod
+    def _stack(blocks, x, c, rope, attn_mask, hidden: Optional[list], attn: Optional[list]) -> Tensor:
+        """Run explicit blocks in order; `hidden` collects the input then every output, `attn` the weights."""
+        if hidden is not None and not hidden:
+            hidden.append(x)  # the embeddings
+        for block in blocks:
+            x = block(x, c, rope, attn_mask, attn)
+            if hidden is not None:
+                hidden.append(x)
+        return x
 
     def _initial_state(self, h_pre: Tensor, fixed_point_init) -> tuple[Tensor, Optional[Tensor]]:
         """The solver start `(B, L, D)` and, with the safety net on, which rows had their warm start rejected
@@ -425,12 +308,14 @@ class FPMGMModel(FPMGMPreTrainedModel):
         return z0, rejected
 
     def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, solve_args, generator):
+        """`(z*, stats, penalty, f)`: the solve from the start `_initial_state` gives, and the map `f(z, rows,
+        attn_sink=None)` (None without fixed-point blocks)."""
         B = h_pre.shape[0]
         if not self.config.num_fp_layers:
-            return h_pre, SolverStats.empty(B, h_pre.device), None
+            return h_pre, SolverStats.empty(B, h_pre.device), None, None
         injected = self.injection.prepare(h_pre)  # (B, L, D) or (B, L, 2D) or None; fixed across iterations
 
-        def f(z: Tensor, rows: Optional[Tensor]) -> Tensor:
+        def f(z: Tensor, rows: Optional[Tensor], attn_sink: Optional[list] = None) -> Tensor:
             c_r, inj_r, m_r = c, injected, attn_mask
             if rows is not None:
                 c_r = c[rows]
@@ -440,7 +325,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
                 z = self.fp_norm(z)
             z = self.injection(z, inj_r)
             for block in self.fp_blocks:
-                z = block(z, c_r, rope, m_r)
+                z = block(z, c_r, rope, m_r, attn_sink)
             return z
 
         z0, rejected = self._initial_state(h_pre, fixed_point_init)
@@ -450,7 +335,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
             (z, stats), penalty = self._solve(f, z0, token_mask, *solve_args), None
         if rejected is not None:
             stats.cold_start = rejected
-        return z, stats, penalty
+        return z, stats, penalty, f
 
     def _solve(self, f, z0, token_mask, fp_iters, fp_tol, trace=False):
         cfg = self.config
@@ -543,31 +428,47 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
         fp_tol: Optional[float] = None,
         fp_trace: bool = False,
         generator: Optional[torch.Generator] = None,
+        labels: Optional[Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        **kwargs,
     ) -> Union[FPMGMOutput, tuple]:
-        r"""Same arguments as [`FPMGMModel.forward`]; returns [`FPMGMOutput`] with `logits (B, L, V)`."""
+        r"""Same arguments as [`FPMGMModel.forward`]; returns [`FPMGMOutput`] with `logits (B, L, V)`.
+
+        labels (`LongTensor (B, L)`): clean tokens; the call then draws a time and a mask as MDLM's NELBO does (from
+            `generator`, else torch's default generator), runs the model on that canvas and returns the NELBO as
+            `loss`, the objective `fpmgm-train` minimises, so `transformers.Trainer` trains the model as is. Positions
+            labelled -100 are not scored and stay visible as context, with their token from `input_ids`.
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.model(
-            input_ids,
-            timesteps=timesteps,
-            class_labels=class_labels,
-            attention_mask=attention_mask,
-            fixed_point_init=fixed_point_init,
-            fp_iters=fp_iters,
-            fp_tol=fp_tol,
-            fp_trace=fp_trace,
-            generator=generator,
-            return_dict=True,
-        )
-        logits = self.lm_head(out.last_hidden_state, out.conditioning)
-        result = FPMGMOutput(
-            logits=logits,
-            hidden_states=out.last_hidden_state,
-            fixed_point=out.fixed_point,
-            pre_fixed_point=out.pre_fixed_point,
-            solver_stats=out.solver_stats,
-            block_passes=out.block_passes,
-            fixed_point_loss=out.fixed_point_loss,
-        )
+        kwargs = dict(class_labels=class_labels, attention_mask=attention_mask, fixed_point_init=fixed_point_init,
+                      fp_iters=fp_iters, fp_tol=fp_tol, fp_trace=fp_trace, output_hidden_states=output_hidden_states,
+                      output_attentions=output_attentions)
+        if labels is not None:
+            result = self._labelled(input_ids, labels, generator, kwargs)
+        else:
+            out = self.model(input_ids, timesteps=timesteps, generator=generator, return_dict=True, **kwargs)
+            result = FPMGMOutput(
+                logits=self.lm_head(out.last_hidden_state, out.conditioning),
+                last_hidden_state=out.last_hidden_state,
+                hidden_states=out.hidden_states,
+                attentions=out.attentions,
+                fixed_point=out.fixed_point,
+                pre_fixed_point=out.pre_fixed_point,
+                solver_stats=out.solver_stats,
+                block_passes=out.block_passes,
+                fixed_point_loss=out.fixed_point_loss,
+            )
         return result if return_dict else result.to_tuple()
+
+    def _labelled(self, input_ids: Tensor, labels: Tensor, generator, kwargs: dict) -> FPMGMOutput:
+        """The NELBO of `labels` (see `forward`): `loss` plus the outputs of the masked canvas it drew."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `input_ids` shape "
+                             f"{tuple(input_ids.shape)}.")
+        scored = labels != -100  # (B, L)
+        x0 = torch.where(scored, labels, input_ids)
+        attention_mask = kwargs.pop("attention_mask")
+        loss, aux = mdlm_nelbo(self, x0, generator=generator, attention_mask=attention_mask, model_kwargs=kwargs,
+                               loss_mask=scored)
+        return FPMGMOutput(**{**aux["output"], "loss": loss})

@@ -134,10 +134,10 @@ def distill_loss(student, teacher, x0: Tensor, *, generator: torch.Generator, kl
         own.eval()
         try:
             with torch.no_grad():
-                h_c = own(z_c, timesteps=loglinear_sigma(t_c, eps), return_dict=True).hidden_states.detach()
+                h_c = own(z_c, timesteps=loglinear_sigma(t_c, eps), return_dict=True).last_hidden_state.detach()
         finally:
             own.train(was_training)
-        cons = hidden_consistency(s_out.hidden_states, h_c, rows)
+        cons = hidden_consistency(s_out.last_hidden_state, h_c, rows)
         loss = loss + consistency_weight * cons
         aux["consistency"] = cons.detach()
     return loss, aux

@@ -305,7 +305,7 @@ class ImageTrainer(Trainer):
         out = self.model(z_s, timesteps=loglinear_sigma(t_s, a.eps), class_labels=labels, generator=self.generator)
         h_c = _teacher_forward(model, z_c, t_c, a.eps, None, {"class_labels": labels})
         logits = out.logits
-        cons = hidden_consistency(out.hidden_states, h_c, student)
+        cons = hidden_consistency(out.last_hidden_state, h_c, student)
         ce_sum, count = masked_ce(logits, tokens, student, mask_id)
         task = ce_sum / max(count, 1)
         return task + lam * cons, {"lambda": lam, "task": task.item(), "consistency": cons.item()}
