@@ -53,7 +53,7 @@ def test_a_plain_transformers_trainer_trains_and_resumes(tmp_path):
     g = torch.Generator().manual_seed(0)
     successors = torch.randint(0, MASK, (MASK,), generator=g)  # a deterministic chain: learnable fast
     rows = []
-    for i in range(256):
+    for _ in range(256):
         x = [int(torch.randint(0, MASK, (1,), generator=g))]
         for _ in range(15):
             x.append(int(successors[x[-1]]))

@@ -46,8 +46,8 @@ from .validation_fpmgm import CheckedWeightsMixin
 Tensor = torch.Tensor
 
 
-HIDDEN_STATES_DOC = """hidden_states (`tuple` of `(B, L, D)`, with `output_hidden_states=True`): the embeddings, the output of
-        each pre block, the fixed point `z*` (one entry, standing for the whole implicit middle, however many
+HIDDEN_STATES_DOC = """hidden_states (`tuple` of `(B, L, D)`, with `output_hidden_states=True`): the embeddings, the
+        output of each pre block, the fixed point `z*` (one entry, standing for the whole implicit middle, however many
         iterations the solver ran), and the output of each post block. `last_hidden_state` is the last entry.
     attentions (`tuple` of `(B, H, L, L)`, with `output_attentions=True`): the attention weights of each pre block,
         of each shared block at the fixed point `z*` (one extra, uncounted evaluation of the map), and of each post
@@ -375,7 +375,8 @@ class FPMGMModel(FPMGMPreTrainedModel):
 
     def _residual_penalty(self, f, z, z_prev, token_mask):
         """The weighted relative-residual penalty: at the last graph iteration (`z_prev -> z`), or after
-        `fp_residual_reg_iters` more no-grad iterations on one more graph iteration; hinged at `fp_residual_reg_tol`."""
+        `fp_residual_reg_iters` more no-grad iterations on one more graph iteration; hinged at
+        `fp_residual_reg_tol`."""
         cfg = self.config
         if cfg.fp_residual_reg_iters:
             with torch.no_grad():
