@@ -142,3 +142,25 @@ def test_attn_implementation_at_load_and_unsupported_ones_refused(tmp_path):
             FPMGMForMaskedGeneration.from_pretrained(tmp_path / "m", attn_implementation=impl)
     with pytest.raises(ValueError):
         eager.set_attn_implementation("nonsense")
+
+
+# ------------------------------------------------------------------------------------ generation config
+
+
+def test_a_generation_config_set_on_the_model_is_honoured_and_unusable_options_refused(tmp_path):
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    model.generation_config = GenerationConfig(max_new_tokens=5)  # as a transformers user would
+    out = model.generate(torch.tensor([[1, 2, 3]]), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 8) and not (out == MASK).any()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generation_config = GenerationConfig(max_new_tokens=5, num_beams=2)
+    model.generation_config.repetition_penalty = 1.2  # set by hand on our config
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+    del model.generation_config.repetition_penalty
+    model.save_pretrained(tmp_path / "m")
+    again = FPMGMForMaskedGeneration.from_pretrained(tmp_path / "m")
+    assert again.generation_config.max_new_tokens == 5

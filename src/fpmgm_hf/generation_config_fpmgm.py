@@ -209,6 +209,10 @@ class FPMGMGenerationConfig(GenerationConfig):
         self.validate()
 
     def validate(self, *args, **kwargs):
+        # An attribute set by hand (e.g. `config.num_beams = 4`) would be saved and then refused at load time.
+        stray = sorted(k for k in vars(self) if not k.startswith("_") and k not in _FIELDS and k not in _META)
+        if stray:
+            raise ValueError(f"generation options this model cannot use: {stray}; valid options: {ACCEPTED_NAMES}.")
         self._validate_numbers()
         for name, allowed in _CHOICES:
             if getattr(self, name) not in allowed:
@@ -266,6 +270,10 @@ class FPMGMGenerationConfig(GenerationConfig):
         # Compare against our own defaults, not GenerationConfig's (whose top_k=50 would be dropped).
         keep = lambda k, v: k == "transformers_version" or _FIELDS.get(k, object()) != v  # noqa: E731
         return {k: v for k, v in self.to_dict().items() if keep(k, v)}
+
+    def save_pretrained(self, *args, **kwargs):
+        self.validate()  # nothing this model would refuse at load time is written
+        return super().save_pretrained(*args, **kwargs)
 
     def get_generation_mode(self, *args, **kwargs):
         raise NotImplementedError("FPMGMGenerationConfig has no autoregressive generation mode.")

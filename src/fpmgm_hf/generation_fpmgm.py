@@ -116,11 +116,23 @@ class FPMGMGenerationMixin:
 
     generation_config_class = FPMGMGenerationConfig
 
+    @property
+    def generation_config(self) -> Optional[FPMGMGenerationConfig]:
+        """The model's default generation settings (`generation_config.json`), used by `generate`, as in
+        transformers. Assigning a transformers `GenerationConfig` (or a dict) translates the fields it sets; a field
+        this model cannot use (`num_beams`, `repetition_penalty`, ...) is refused at once, naming it."""
+        return self.__dict__.get("_fpmgm_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        if value is not None and not isinstance(value, FPMGMGenerationConfig):
+            value = merge_generation_config(FPMGMGenerationConfig(), value, {})
+        self.__dict__["_fpmgm_generation_config"] = value
+
     # ------------------------------------------------------------------------------------------ set-up
 
     def _prepare_generation_config(self, generation_config, kwargs) -> FPMGMGenerationConfig:
-        base = self.generation_config if isinstance(self.generation_config, FPMGMGenerationConfig) else None
-        cfg = merge_generation_config(base or FPMGMGenerationConfig(), generation_config, kwargs)
+        cfg = merge_generation_config(self.generation_config or FPMGMGenerationConfig(), generation_config, kwargs)
         if cfg.mask_token_id is None:
             cfg.mask_token_id = getattr(self.config, "mask_token_id", None)
         if cfg.mask_token_id is None:
@@ -525,6 +537,8 @@ class FPMGMGenerationMixin:
         makes transformers copy `pipeline_fpmgm.py` next to the weights, for `pipeline(..., trust_remote_code=...)`."""
         from .pipeline_fpmgm import custom_pipelines
 
+        if self.generation_config is not None:
+            self.generation_config.validate()  # refuse before anything is written, not at the next load
         self.config.custom_pipelines = custom_pipelines(self.config)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
