@@ -164,3 +164,35 @@ def test_a_generation_config_set_on_the_model_is_honoured_and_unusable_options_r
     model.save_pretrained(tmp_path / "m")
     again = FPMGMForMaskedGeneration.from_pretrained(tmp_path / "m")
     assert again.generation_config.max_new_tokens == 5
+
+
+# ------------------------------------------------------------------------------------------ meta and CLI
+
+
+def test_meta_device_forward_gives_shapes_and_loading_paths_work(tmp_path):
+    model = tiny_model().to("meta")
+    x = torch.randint(0, MASK, (2, 8)).to("meta")
+    out = model(x, fp_iters=3)
+    assert out.logits.shape == (2, 8, VOCAB) and out.logits.is_meta and out.block_passes.shape == (2,)
+    assert model.train()(x).logits.is_meta  # S-JFB on shapes alone
+    with pytest.raises(ValueError, match="meta device"):
+        model(x, labels=x)
+    real = tiny_model()
+    real.save_pretrained(tmp_path / "m")
+    for kwargs in ({"low_cpu_mem_usage": True}, {"device_map": "auto"}):
+        loaded = FPMGMForMaskedGeneration.from_pretrained(tmp_path / "m", **kwargs)
+        assert loaded.num_parameters() == real.num_parameters() == sum(p.numel() for p in real.parameters())
+        torch.testing.assert_close(loaded(clean(2, 8)).logits, real(clean(2, 8)).logits)
+
+
+def test_sweep_refuses_impossible_values_by_flag(tmp_path):
+    from fpmgm_hf.evaluation.sweep import main
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    base = ["sweep", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
+    for extra, flag in ((["--budgets", "0"], "--budgets"), (["--fp-iters", "0"], "--fp-iters"),
+                        (["--batch-size", "0"], "--batch-size"), (["--fp-tol", "-1"], "--fp-tol"),
+                        (["--names", "a", "b"], "--names")):
+        with pytest.raises(ValueError, match=flag):
+            main(base + extra)
+    assert not (tmp_path / "o").exists()

@@ -83,7 +83,7 @@ def test_resume_latest_without_a_checkpoint_starts_fresh(assets, tmp_path):  # n
 
 def test_a_resumed_run_logs_every_step_once(assets, tmp_path):  # noqa: F811
     """A run killed after logging step 3 (its last checkpoint: step 2) is resumed: step 3 is re-run and logged
-    once; a fresh run in the same folder moves the old log aside."""
+    once; a fresh run in the same folder is refused, and --overwrite starts over."""
     out = tmp_path / "run"
     real_step = Trainer.train_step
 
@@ -98,8 +98,13 @@ def test_a_resumed_run_logs_every_step_once(assets, tmp_path):  # noqa: F811
     train(base_args(assets, out, **{"--max-steps": 4, "--eval-every": 1, "--resume": "latest"}))
     assert steps_logged(out) == [1, 2, 3, 4] and steps_logged(out, "val_nelbo") == [0, 1, 2, 3, 4]
     assert [r["step"] for r in read_log(out) if r.get("event") == "resume"] == [2]
-    train(base_args(assets, out, **{"--max-steps": 1, "--save-every": 0}))
-    assert steps_logged(out) == [1] and (out / "log.jsonl.prev").is_file()
+    with pytest.raises(FileExistsError, match="earlier run.*--resume latest.*--overwrite"):  # never a silent restart
+        train(base_args(assets, out, **{"--max-steps": 1, "--save-every": 0}))
+    assert steps_logged(out) == [1, 2, 3, 4]  # untouched
+    with pytest.raises(ValueError, match="give only one"):
+        train(base_args(assets, out, **{"--resume": "latest"}) + ["--overwrite"])
+    train(base_args(assets, out, **{"--max-steps": 1, "--save-every": 0}) + ["--overwrite"])
+    assert steps_logged(out) == [1] and not (out / "checkpoints").exists()  # the old run's checkpoints are gone
 
 
 def test_lora_merged_or_kept_adapter(assets, tmp_path):  # noqa: F811

@@ -177,7 +177,8 @@ class FPMGMModel(FPMGMPreTrainedModel):
             raise ValueError(
                 f"`input_ids` has length {input_ids.shape[1]} > max_position_embeddings={cfg.max_position_embeddings}."
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        values = not input_ids.is_meta  # a meta tensor has shapes but no values (shape inference, model sizing)
+        if values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"`input_ids` must lie in [0, {cfg.vocab_size}), the vocabulary of this model.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -191,7 +192,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
                 raise ValueError(
                     f"`class_labels` must have shape ({input_ids.shape[0]},), got {tuple(class_labels.shape)}."
                 )
-            if int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes:
+            if values and (int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes):
                 raise ValueError(
                     f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
                     f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]."
@@ -296,7 +297,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
                     f"`fixed_point_init` shape {tuple(fixed_point_init.shape)} must be {tuple(h_pre.shape)}."
                 )
             z0 = fixed_point_init.to(h_pre.dtype)
-        if self.config.fp_divergence_patience is None:
+        if self.config.fp_divergence_patience is None or z0.is_meta:
             return z0, None
         # A warm start carrying a non-finite or exploding state (an expansive map iterated across steps) would
         # only feed the explosion: such rows start from h_pre instead.
@@ -340,6 +341,13 @@ class FPMGMModel(FPMGMPreTrainedModel):
     def _solve(self, f, z0, token_mask, fp_iters, fp_tol, trace=False):
         cfg = self.config
         max_iter = cfg.fp_max_iter if fp_iters is None else fp_iters
+        if z0.is_meta:  # shapes only (meta device): iterate the map; residuals and stopping need values
+            z = z0
+            for _ in range(max_iter):
+                z = f(z, None)
+            stats = SolverStats.empty(z0.shape[0], z0.device)
+            stats.iterations += max_iter
+            return z, stats
         tol = cfg.fp_tol if fp_tol is None else (fp_tol or None)
         patience = cfg.fp_divergence_patience
         kwargs = dict(divergence_patience=patience, on_nonfinite="raise" if patience is None else "flag")
@@ -467,6 +475,9 @@ class FPMGMForMaskedGeneration(FPMGMGenerationMixin, FPMGMPreTrainedModel):
         if labels.shape != input_ids.shape:
             raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `input_ids` shape "
                              f"{tuple(input_ids.shape)}.")
+        if labels.is_meta:
+            raise ValueError("`labels` on the meta device: the loss draws masks from token values, which a meta "
+                             "tensor does not have (a forward without labels gives the output shapes).")
         scored = labels != -100  # (B, L)
         x0 = torch.where(scored, labels, input_ids)
         attention_mask = kwargs.pop("attention_mask")

@@ -140,6 +140,9 @@ def train_reference_lm(args) -> str:
     if args.resume and (out / "checkpoint" / STATE).is_file():
         state = _load_checkpoint(out / "checkpoint", model, opt)
     t0 = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.max_steps, initial=state["step"], desc="train-lm", unit="step")
     while state["step"] < args.max_steps:
         torch.manual_seed(args.seed * 100_003 + state["step"])  # dropout: a function of the step, so resume is exact
         for group in opt.param_groups:
@@ -153,6 +156,8 @@ def train_reference_lm(args) -> str:
         opt.zero_grad()
         state["step"] += 1
         step = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step % args.eval_every == 0 or step == args.max_steps:
             val_loss = validation_loss(model, val, args.batch_size)
             record = {"step": step, "loss": loss, "val_loss": val_loss, "seconds": round(time.time() - t0)}
@@ -164,6 +169,7 @@ def train_reference_lm(args) -> str:
                 _export(model, tokenizer, out / "final", state)
         if step % args.save_every == 0 or step == args.max_steps:
             _save_checkpoint(out / "checkpoint", model, opt, state)
+    bar.close()
     return str(out / "final")
 
 

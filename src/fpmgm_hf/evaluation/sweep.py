@@ -290,6 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sweep_args(args) -> None:
+    """Impossible values, each refused naming its flag (a sweep over nothing would end with an empty report)."""
+    from ..scheduling_fpmgm import MAX_BUDGET
+
+    for name in ("num_samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.pilot_samples < 0:
+        raise ValueError(f"--pilot-samples must be >= 0, got {args.pilot_samples}.")
+    bad = [b for b in args.budgets if not 1 <= b <= MAX_BUDGET]
+    if bad:
+        raise ValueError(f"--budgets must be block-pass counts in [1, {MAX_BUDGET}], got {bad}.")
+    bad = [n for n in args.fp_iters if n < 1]
+    if bad:
+        raise ValueError(f"--fp-iters must be iteration counts >= 1, got {bad}.")
+    bad = [t for t in args.fp_tol if t is not None and not t > 0]
+    if bad:
+        raise ValueError(f"--fp-tol must be 'none' or tolerances > 0, got {bad}.")
+    if args.names and len(args.names) != len(args.model):
+        raise ValueError(f"--names needs one label per --model ({len(args.model)}), got {len(args.names)}.")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train-lm":
@@ -300,8 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path in args.model:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"--model {path!r} is not a save_pretrained folder (no config.json).")
-    if args.num_samples < 1 or args.seq_len < 1:
-        raise ValueError("--num-samples and --seq-len must be >= 1.")
+    check_sweep_args(args)
     points, lm_info = run_sweep(args)
     print(markdown_table(points, lm_info))
     return 0

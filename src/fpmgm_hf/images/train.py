@@ -52,8 +52,8 @@ from ..training.loop import (
     check_loop_args,
     make_accelerator,
     output_lock,
-    resolve_resume,
     run_loop,
+    start_run,
 )
 from ..training.objectives import (
     _teacher_forward,
@@ -362,7 +362,7 @@ def main(argv: Optional[list[str]] = None, *, log_with=()) -> str:
 
 
 def _train_images(args, accelerator, info: dict, vq_dir, train_rows, val_rows, num_classes: int) -> str:
-    resume = resolve_resume(args.resume, args.out)
+    resume = start_run(args, accelerator)
     model = build_image_model(args, info["codebook_size"], info["grid_size"], num_classes)
     # Fields the shared Trainer reads but images do not use.
     args.seq_len = info["grid_size"][0] * info["grid_size"][1]

@@ -65,6 +65,9 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     a("--resume", default=None,
       help="'latest': continue from the newest checkpoint in OUT/checkpoints if there is one, else start fresh; "
            "or a checkpoint folder to continue from.")
+    a("--overwrite", action="store_true",
+      help="start over in an --out that holds an earlier run (its checkpoints, log and final/ are removed first); "
+           "without it, or --resume, such an --out is refused")
     a("--consistency-weight", type=float, default=0.0, help="Target lambda of the consistency loss (0 = off).")
     a("--consistency-warmup", type=int, default=5000, help="Steps of the linear lambda ramp 0 -> target.")
     a("--consistency-gap", type=float, nargs=2, default=(0.05, 0.30), help="Range of the teacher time gap.")
@@ -404,6 +407,28 @@ def resolve_resume(spec: Optional[str], out: str) -> Optional[str]:
         logger.info("--resume latest: no checkpoint under %s yet; starting fresh.", out)
         return None
     return found[-1]
+
+
+RUN_FILES = ("checkpoints", "log.jsonl", "final")  # what a run leaves in its --out
+
+
+def start_run(args, accelerator) -> Optional[str]:
+    """The checkpoint to continue from (`resolve_resume`), after checking that a fresh run does not land on an
+    earlier one: an --out holding its checkpoints, log or final/ is refused unless --resume (continue it) or
+    --overwrite (remove them first, main process), so a later `--resume latest` never picks up a stale run."""
+    if args.resume is not None and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over; give only one.")
+    if args.resume is None:
+        found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+        if found and not getattr(args, "overwrite", False):
+            raise FileExistsError(f"--out {args.out} holds an earlier run ({', '.join(found)}); pass --resume latest "
+                                  "to continue it or --overwrite to start over.")
+        if found and accelerator.is_main_process:
+            for name in found:
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        accelerator.wait_for_everyone()
+    return resolve_resume(args.resume, args.out)
 
 
 def begin(trainer: Trainer, resume: Optional[str]) -> None:

@@ -49,6 +49,7 @@ from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.training.tr
     output_lock,
     resolve_resume,
     run_loop,
+    start_run,
 )
 from .lora import add_lora
 
@@ -188,7 +189,7 @@ def cli() -> int:
 
 
 def _train(args, accelerator) -> str:
-    resume = resolve_resume(args.resume, args.out)
+    resume = start_run(args, accelerator)
     tok_source = args.tokenizer
     if tok_source is None and args.init_from and os.path.isfile(os.path.join(args.init_from, "tokenizer_config.json")):
         tok_source = args.init_from
