@@ -95,7 +95,67 @@ def test_diffusion_generate_speaks_dream():
                               top_p=0.9, top_k=20, max_new_tokens=5, generator=seeded())
         assert torch.equal(got.sequences, want) and not (want == MASK).any()
     with pytest.raises(ValueError, match="unknown generate"):
-        model.diffusion_generate(prompt, generation_tokens_hook_func=lambda *a: a[1])
+        model.diffusion_generate(prompt, not_a_dream_option=1)
+
+
+def test_a_user_logits_processor_sees_the_drawn_positions_and_is_obeyed():
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Ban(LogitsProcessor):  # a user's processor: token 5 may never be drawn
+        def __init__(self):
+            self.shapes = []
+
+        def __call__(self, input_ids, scores):
+            self.shapes.append((tuple(input_ids.shape), tuple(scores.shape)))
+            scores[:, 5] = -float("inf")
+            return scores
+
+    ban = Ban()
+    for sampler in ("ancestral", "confidence"):
+        out = tiny_model().generate(batch_size=4, seq_len=12, num_steps=6, sampler=sampler, temperature=3.0,
+                                    logits_processor=LogitsProcessorList([ban]), generator=seeded())
+        assert not (out == 5).any() and not (out == MASK).any()
+    free = tiny_model().generate(batch_size=4, seq_len=12, num_steps=6, temperature=3.0, generator=seeded())
+    assert (free == 5).any()  # the ban is what removed it (hot sampling draws every token otherwise)
+    assert all(ids[1] == 12 and scores[0] == ids[0] and scores[1] == VOCAB for ids, scores in ban.shapes)
+    with pytest.raises(ValueError, match="logits_processor"):
+        tiny_model().generate(batch_size=1, seq_len=4, logits_processor="top_k")
+
+
+def test_dream_hooks_and_eps():
+    model = tiny_model()
+    seen = []
+
+    def force_seven(step, x, logits):  # Dream's logits hook: (B, L, V) logits of the whole canvas
+        seen.append((step, tuple(logits.shape)))
+        forced = torch.full_like(logits, -float("inf"))
+        forced[..., 7] = 0.0
+        return forced
+
+    out = model.diffusion_generate(torch.tensor([[1, 2]]), max_new_tokens=6, steps=3,
+                                   generation_logits_hook_func=force_seven, generator=seeded())
+    assert torch.equal(out[0, 2:], torch.full((6,), 7)) and [s for s, _ in seen] == [0, 1, 2]
+    assert all(shape == (1, 8, VOCAB) for _, shape in seen)
+
+    def pin_first(step, x, logits):  # Dream's tokens hook: returns the canvas to continue from
+        x = x.clone()
+        x[:, 2] = 3
+        return x
+
+    out = model.diffusion_generate(torch.tensor([[1, 2]]), max_new_tokens=6, steps=3,
+                                   generation_tokens_hook_func=pin_first, generator=seeded())
+    assert (out[:, 2] == 3).all()
+    with pytest.raises(ValueError, match="generation_tokens_hook_func.*shape"):
+        model.diffusion_generate(torch.tensor([[1, 2]]), max_new_tokens=6, steps=3,
+                                 generation_tokens_hook_func=lambda step, x, logits: x[:, :3], generator=seeded())
+    # eps: the times end at eps instead of 0, so the early steps reveal fewer tokens; everything is filled anyway
+    counts = {}
+    for eps in (0.0, 0.5):
+        res = model.generate(batch_size=64, seq_len=16, num_steps=4, eps=eps, output_history=True,
+                             return_dict_in_generate=True, generator=seeded())
+        counts[eps] = int((res.history[0] != MASK).sum())
+        assert not (res.sequences == MASK).any()
+    assert counts[0.5] < counts[0.0]
 
 
 def test_confidence_sampler_offers_every_dream_alg():

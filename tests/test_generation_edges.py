@@ -142,6 +142,8 @@ SMALL = {  # valid values that keep every example fast
     "top_k": st.integers(1, 50),
     "top_p": st.floats(0, 1),
     "noise_eps": st.sampled_from([1e-3, 0.5]),
+    "time_eps": st.sampled_from([0.0, 0.3]),
+    "eps": st.sampled_from([0.0, 0.2]),
     "mask_schedule": st.sampled_from(["cosine", "linear", "arccos"]),
     "randomness": st.sampled_from([0.0, 1.0]),
     "order": st.sampled_from(["confidence", "halton"]),

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "src" / "fpmgm_hf"
 HUB_FILES = ("configuration_fpmgm", "modeling_fpmgm", "fixed_point_fpmgm", "generation_fpmgm",
              "generation_config_fpmgm", "canvas_fpmgm", "streaming_fpmgm", "pipeline_fpmgm", "scheduling_fpmgm",
-             "solver_fpmgm", "validation_fpmgm", "configuration_vqvae", "modeling_vqvae", "layers_fpmgm", "loss_fpmgm")
+             "solver_fpmgm", "validation_fpmgm", "configuration_vqvae", "modeling_vqvae", "layers_fpmgm", "loss_fpmgm",
+             "generation_inputs_fpmgm")
 
 
 def _env(**extra) -> dict:

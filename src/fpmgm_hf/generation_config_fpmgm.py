@@ -49,6 +49,7 @@ _FIELDS: dict[str, Any] = {
     "top_k": None,
     "top_p": None,
     "noise_eps": 1e-3,
+    "time_eps": 0.0,
     "mask_schedule": "cosine",
     "randomness": 0.0,
     "order": "confidence",
@@ -65,7 +66,7 @@ _FIELDS: dict[str, Any] = {
 _META = ("_commit_hash", "_from_model_config", "transformers_version")
 
 # Other libraries' names for our fields (Dream `steps`, LLaDA `gen_length`).
-ALIASES = {"steps": "num_steps", "gen_length": "max_new_tokens"}
+ALIASES = {"steps": "num_steps", "gen_length": "max_new_tokens", "eps": "time_eps"}
 # Names whose value sets several of our fields (LLaDA `remasking`).
 REMASKING = {
     "low_confidence": {"sampler": "confidence", "alg": "maskgit_plus"},
@@ -97,6 +98,7 @@ _FLOATS = (
     ("guidance_scale", 0, MAX_GUIDANCE_SCALE, False, False, True),
     ("top_p", 0, 1, True, False, True),
     ("noise_eps", 0, 1, True, True, False),
+    ("time_eps", 0, 1, False, True, False),
     ("gamma_mask_min", 0, 1, False, False, False),
     ("gamma_mask_max", 0, 1, False, False, False),
     ("gamma_changed", 0, 1, False, False, False),
@@ -185,6 +187,8 @@ class FPMGMGenerationConfig(GenerationConfig):
         gamma_mask_min / gamma_mask_max / gamma_changed: the 3SR weights (0.75 / 0.90 / 0.2).
         temperature / top_k / top_p: token filtering (temperature 0 = greedy, else in [1e-4, 1e4]).
         noise_eps (`float`, 1e-3): epsilon of the log-linear schedule.
+        time_eps (`float`, 0; Dream's `eps`): the denoising times run from 1 down to `time_eps` (the last step
+            reveals whatever is left).
         mask_schedule (`str`, "cosine"), randomness (`float`, 0), order (`str`, "confidence"): MaskGIT
             schedule, annealed Gumbel noise on confidences, and reveal order ("halton" for images).
         guidance_scale (`float`): classifier-free guidance against the null class (needs `class_labels`).

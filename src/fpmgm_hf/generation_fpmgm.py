@@ -15,26 +15,22 @@ import torch
 from transformers.utils import ModelOutput
 
 from .canvas_fpmgm import (
-    append_masks,
     apply_eos,
-    check_attention_mask,
-    check_token_ids,
     eos_reached,
     first_masked_column,
     pack,
-    padding_side,
     plan_blocks,
 )
 from .fixed_point_fpmgm import WarmStart
 from .generation_config_fpmgm import (
     MASK_SCHEDULES,
-    MAX_BATCH_SIZE,
     ORDERS,
     REUSE_MODES,
     SAMPLERS,
     FPMGMGenerationConfig,
     merge_generation_config,
 )
+from .generation_inputs_fpmgm import GenerationInputsMixin
 from .scheduling_fpmgm import (
     ancestral_reveal,
     confidence_select,
@@ -100,6 +96,22 @@ class _WarmState:
 
 
 @dataclass
+class _Hooks:
+    """What a caller plugs into every step: a transformers `LogitsProcessorList` run on the logits of the drawn
+    positions, and Dream's `generation_logits_hook_func(step, x, logits) -> logits` /
+    `generation_tokens_hook_func(step, x, logits) -> x`, which see the full `(B, L, V)` logits (so with either hook
+    the head runs at every position)."""
+
+    processors: Any = None
+    tokens: Optional[Callable] = None
+    logits: Optional[Callable] = None
+
+    @property
+    def full_logits(self) -> bool:
+        return self.tokens is not None or self.logits is not None
+
+
+@dataclass
 class _Window:
     """One block being decoded: the columns `[ws, we)` the network sees and where it may reveal tokens."""
 
@@ -109,7 +121,7 @@ class _Window:
     index: int
 
 
-class FPMGMGenerationMixin:
+class FPMGMGenerationMixin(GenerationInputsMixin):
     """Adds `generate` / `diffusion_generate` to [`FPMGMForMaskedGeneration`]. The name ends in
     `GenerationMixin` so that transformers' `can_generate()` recognises it without inheriting the
     autoregressive `GenerationMixin`."""
@@ -130,118 +142,6 @@ class FPMGMGenerationMixin:
         self.__dict__["_fpmgm_generation_config"] = value
 
     # ------------------------------------------------------------------------------------------ set-up
-
-    def _prepare_generation_config(self, generation_config, kwargs) -> FPMGMGenerationConfig:
-        cfg = merge_generation_config(self.generation_config or FPMGMGenerationConfig(), generation_config, kwargs)
-        if cfg.mask_token_id is None:
-            cfg.mask_token_id = getattr(self.config, "mask_token_id", None)
-        if cfg.mask_token_id is None:
-            raise ValueError("`mask_token_id` is not set on the model config nor passed to generate().")
-        vocab = self.config.vocab_size
-        named = [("mask_token_id", cfg.mask_token_id), ("pad_token_id", cfg.pad_token_id)]
-        named += [("bos_token_id", cfg.bos_token_id)] + [("eos_token_id", i) for i in cfg.eos_ids]
-        for name, value in named:
-            if value is not None and value >= vocab:
-                raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {vocab}).")
-            if value == cfg.mask_token_id and name != "mask_token_id":
-                raise ValueError(f"`{name}`={value} equals `mask_token_id`; it must be a real token.")
-        if cfg.block_length is not None and cfg.block_length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"`block_length`={cfg.block_length} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}: a block must fit the model."
-            )
-        return cfg
-
-    def _prepare_inputs(self, input_ids, attention_mask, class_labels, cfg):
-        """Canvas `(B, L)`, active `(B, L)`, class labels `(B,)` or None, and the input's padding side."""
-        W, mask_id = self.config.max_position_embeddings, cfg.mask_token_id
-        if input_ids is None:
-            if attention_mask is not None:
-                raise ValueError("`attention_mask` was given without `input_ids`.")
-            rows = cfg.batch_size
-            ids = torch.full((rows, 0 if cfg.bos_token_id is None else 1), cfg.bos_token_id or 0, dtype=torch.long)
-        else:
-            ids = check_token_ids(input_ids, "input_ids", self.config.vocab_size)
-            rows = ids.shape[0]
-        active = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else (
-            check_attention_mask(attention_mask, ids.shape).to(ids.device))
-        new = self._new_tokens(ids, cfg, from_scratch=input_ids is None)
-        side = "none"
-        if new is not None:
-            side = padding_side(active)
-            if side == "right":  # decode left-padded, so every row's new tokens share columns
-                ids, active = pack(ids, active, pads_first=True)
-            ids, active = append_masks(ids, active, new, mask_id)
-        elif input_ids is None:
-            length = cfg.seq_len or W
-            ids = torch.full((rows, length), mask_id, dtype=torch.long)
-            active = torch.ones_like(ids, dtype=torch.bool)
-        self._check_canvas(ids, active, new, cfg)
-        labels = self._prepare_guidance(class_labels, cfg, rows)
-        n = cfg.num_return_sequences
-        if rows * n > MAX_BATCH_SIZE:
-            raise ValueError(f"{rows} rows x `num_return_sequences`={n} exceeds the limit of {MAX_BATCH_SIZE} rows.")
-        expand = lambda x: None if x is None else x.repeat_interleave(n, 0).to(self.device)  # noqa: E731
-        return expand(ids), expand(active), expand(labels), side
-
-    def _new_tokens(self, ids, cfg, from_scratch: bool) -> Optional[int]:
-        """Masks to append: `max_new_tokens`, else `max_length` minus the prompt, else None (fill a canvas)."""
-        if cfg.max_new_tokens is not None:
-            return cfg.max_new_tokens
-        if cfg.max_length is None:
-            return None
-        new = cfg.max_length - ids.shape[1]
-        if new < 1:
-            raise ValueError(
-                f"`max_length`={cfg.max_length} leaves no room after the {ids.shape[1]}-token prompt; pass a larger "
-                "`max_length` or `max_new_tokens`."
-            )
-        return new
-
-    def _check_canvas(self, ids, active, new, cfg):
-        W = self.config.max_position_embeddings
-        if ids.shape[1] == 0:
-            raise ValueError("`input_ids` has zero length: pass tokens, or `max_new_tokens` to generate some.")
-        if new is None and ids.shape[1] > W:
-            name = "seq_len" if cfg.seq_len is not None and ids.shape[1] == cfg.seq_len else "input_ids"
-            raise ValueError(
-                f"`{name}` length {ids.shape[1]} exceeds max_position_embeddings={W}; to generate past it, give a "
-                "prompt and `max_new_tokens` (decoded blockwise with a sliding context)."
-            )
-        if ids.shape[1] > W and getattr(self.config, "position_encoding", "rope_1d") == "rope_2d":
-            raise ValueError(
-                f"`max_new_tokens`={new} makes {ids.shape[1]} tokens, more than this image model's grid of {W}."
-            )
-        if bool(((ids == cfg.mask_token_id) & ~active).any()):
-            raise ValueError("`attention_mask` is 0 at a masked position of `input_ids`: padding is never filled.")
-
-    def _prepare_guidance(self, class_labels, cfg, batch):
-        num_classes = getattr(self.config, "num_classes", 0)
-        if cfg.guidance_scale is not None and not num_classes:
-            raise ValueError(
-                "`guidance_scale` needs a class-conditional model (config.num_classes > 0); this one is unconditional."
-            )
-        if cfg.guidance_scale is not None and class_labels is None:
-            raise ValueError(
-                f"`guidance_scale`={cfg.guidance_scale} needs `class_labels` (guidance pulls towards a class); pass "
-                "them, or guidance_scale=None for unconditional samples."
-            )
-        if class_labels is None:
-            return None
-        if not num_classes:
-            raise ValueError("`class_labels` was given but the model is unconditional (config.num_classes=0).")
-        try:
-            labels = torch.as_tensor(class_labels)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"`class_labels` must be integer class ids: {err}") from None
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"`class_labels` must be integer class ids; got dtype {labels.dtype}.")
-        labels = labels.long().reshape(-1)
-        if labels.numel() == 1 and batch > 1:
-            labels = labels.expand(batch)
-        if labels.shape[0] != batch or int(labels.min()) < 0 or int(labels.max()) > num_classes:
-            raise ValueError(f"`class_labels` must be {batch} ids in [0, {num_classes}] ({num_classes} = null class).")
-        return labels
 
     # ------------------------------------------------------------------------------------------ network
 
@@ -313,6 +213,9 @@ class FPMGMGenerationMixin:
         generator: Optional[torch.Generator] = None,
         streamer: Optional[Any] = None,
         callback: Optional[Callable[[int, Tensor], None]] = None,
+        logits_processor: Optional[Any] = None,
+        generation_tokens_hook_func: Optional[Callable] = None,
+        generation_logits_hook_func: Optional[Callable] = None,
         **kwargs,
     ):
         r"""Fill every masked position of a canvas, or continue a prompt by `max_new_tokens`.
@@ -328,6 +231,11 @@ class FPMGMGenerationMixin:
             generator (`torch.Generator`): the only source of randomness.
             streamer: transformers' streamer protocol (`put`, `put_draft`, `end`; see `streaming_fpmgm`).
             callback: `callback(step, canvas)` after every step (steps counted across blocks).
+            logits_processor: a transformers `LogitsProcessorList` (or list of processors) applied, before
+                temperature / top-k / top-p, to the logits of the positions drawn at a step: `scores` is `(N, V)`, one
+                row per drawn position, and `input_ids` `(N, L)` the canvas row of each.
+            generation_tokens_hook_func / generation_logits_hook_func: Dream's hooks, `(step, x, logits)` with the
+                canvas `x (B, L)` and the full logits `(B, L, V)`; they return the new canvas / logits.
             kwargs: any [`FPMGMGenerationConfig`] field, or a Dream / LLaDA / transformers name for one
                 (`steps`, `gen_length`, `remasking`, `do_sample`), overriding it for this call.
 
@@ -344,6 +252,7 @@ class FPMGMGenerationMixin:
             raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
         if callback is not None and not callable(callback):
             raise ValueError(f"`callback` must be callable as callback(step, canvas), got {type(callback).__name__}.")
+        hooks = self._prepare_hooks(logits_processor, generation_tokens_hook_func, generation_logits_hook_func)
         emitter = StreamEmitter(streamer)
         canvas, active, labels, side = self._prepare_inputs(input_ids, attention_mask, class_labels, cfg)
         c = self.config
@@ -354,7 +263,7 @@ class FPMGMGenerationMixin:
         was_training = self.training
         self.eval()  # training mode would run S-JFB draws instead of the planned iterations
         try:
-            out = self._decode(canvas, active, labels, plan, cfg, generator, emitter, callback)
+            out = self._decode(canvas, active, labels, plan, cfg, generator, emitter, callback, hooks)
         finally:
             self.train(was_training)
         if side == "right":  # back to the caller's layout: tokens, then the new ones, then padding
@@ -368,7 +277,22 @@ class FPMGMGenerationMixin:
         `alg="origin"` is the ancestral (MDLM) step; the other algs rank positions in the confidence sampler."""
         return self.generate(inputs, generation_config=generation_config, **kwargs)
 
-    def _decode(self, canvas, active, labels, plan, cfg, generator, emitter, callback):
+    @staticmethod
+    def _prepare_hooks(processors, tokens_hook, logits_hook) -> _Hooks:
+        from transformers import LogitsProcessorList
+
+        if processors is not None:
+            if not isinstance(processors, LogitsProcessorList):
+                if not isinstance(processors, (list, tuple)) or not all(callable(p) for p in processors):
+                    raise ValueError("`logits_processor` must be a transformers LogitsProcessorList or a list of "
+                                     f"processors, got {type(processors).__name__}.")
+                processors = LogitsProcessorList(processors)
+        for name, hook in (("generation_tokens_hook_func", tokens_hook), ("generation_logits_hook_func", logits_hook)):
+            if hook is not None and not callable(hook):
+                raise ValueError(f"`{name}` must be callable as {name}(step, x, logits), got {type(hook).__name__}.")
+        return _Hooks(processors or None, tokens_hook, logits_hook)
+
+    def _decode(self, canvas, active, labels, plan, cfg, generator, emitter, callback, hooks: _Hooks):
         """The block loop: each block is denoised in its window, then the EOS rule and the streamer run."""
         mask_id, B = cfg.mask_token_id, canvas.shape[0]
         generated = (canvas == mask_id) & active
@@ -393,7 +317,8 @@ class FPMGMGenerationMixin:
             if bool(((canvas == mask_id) & fill).any()):
                 window = _Window(active[:, ws:we], fill[:, ws:we], (s - ws, e - ws), index)
                 on_step = self._step_hook(canvas, (ws, we), window, out, emitter, callback)
-                decoded = self._sample_loop(canvas[:, ws:we], window, labels, plan, cfg, generator, out, on_step)
+                decoded = self._sample_loop(canvas[:, ws:we], window, labels, plan, cfg, generator, out, on_step,
+                                            hooks)
                 canvas[:, ws:we] = decoded
                 out.num_blocks += 1
             if cfg.eos_ids:
@@ -423,7 +348,7 @@ class FPMGMGenerationMixin:
 
         return on_step
 
-    def _sample_loop(self, canvas, window: _Window, labels, plan, cfg, generator, out, on_step) -> Tensor:
+    def _sample_loop(self, canvas, window: _Window, labels, plan, cfg, generator, out, on_step, hooks) -> Tensor:
         """Denoise one window for `len(plan)` steps; accumulates passes, nfe and step stats into `out`. Each step
         first picks the positions whose token is drawn (ancestral: those that unmask; confidence: every masked one),
         runs the network only for rows with a pick (`use_cache`), then computes the output head and the float64
@@ -434,7 +359,9 @@ class FPMGMGenerationMixin:
         initial_masked = ((canvas == mask_id) & window.fill).sum(1)
         order = self._reveal_order(cfg, canvas.shape[1])
         for i, fp_iters in enumerate(plan):
-            t, s = 1 - i / T, 1 - (i + 1) / T
+            # times from 1 down to time_eps (Dream's eps); the last step reveals whatever is left
+            t = 1 - (1 - cfg.time_eps) * i / T
+            s = 1 - (1 - cfg.time_eps) * (i + 1) / T if i < T - 1 else 0.0
             masked = (canvas == mask_id) & window.fill  # (B, L)
             pick = ancestral_reveal(canvas, t, s, mask_id, window.fill, generator, cfg.noise_eps) if (
                 cfg.sampler == "ancestral") else masked
@@ -451,32 +378,53 @@ class FPMGMGenerationMixin:
             if rows.numel():
                 self._run_rows(state, rows, canvas, window.active, labels, t, fp_iters, cfg, guided, out, stats)
                 out.nfe[rows] += 1
-            canvas = self._transition(state, canvas, pick, i, T, initial_masked, window.fill, order, guided, cfg,
-                                      generator)
+            canvas, logits = self._transition(state, canvas, pick, i, T, initial_masked, window.fill, order, guided,
+                                              cfg, generator, hooks)
+            if hooks.tokens is not None:
+                canvas = self._checked(hooks.tokens(i, canvas, logits), canvas, "generation_tokens_hook_func")
             out.step_stats.append(stats)
             on_step(i, canvas)
         return canvas
 
-    def _transition(self, state, canvas, pick, i, T, initial_masked, fill, order, guided, cfg, generator) -> Tensor:
+    def _transition(self, state, canvas, pick, i, T, initial_masked, fill, order, guided, cfg, generator, hooks):
         """One sampler step: tokens (and, for the confidence sampler, their scores) drawn at the picked positions
-        only, from the logits of each row's last network call."""
+        only, from the logits of each row's last network call. Returns the canvas and, with a Dream hook, the full
+        logits `(B, L, V)` (else None)."""
         rows, cols = pick.nonzero(as_tuple=True)  # (N,), (N,)
         ranked = cfg.sampler == "confidence" and order is None
         alg = (cfg.alg or "maskgit_plus") if ranked else None
+        full = None
+        logits_fn = self._logits_at(state, rows, cols, guided, cfg)
+        if hooks.full_logits and state.hidden is not None:
+            B, L = canvas.shape
+            every_row = torch.arange(B, device=canvas.device).repeat_interleave(L)  # (B * L,)
+            every_col = torch.arange(L, device=canvas.device).repeat(B)
+            full = self._logits_at(state, every_row, every_col, guided, cfg)(0, B * L).view(B, L, -1)
+            if hooks.logits is not None:
+                full = self._checked(hooks.logits(i, canvas, full), full, "generation_logits_hook_func")
+            logits_fn = lambda a, b: full[rows[a:b], cols[a:b]]  # noqa: E731
         tokens, scores = draw_rows(
-            self._logits_at(state, rows, cols, guided, cfg), rows.numel(), self.config.vocab_size, cfg.mask_token_id,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, alg=alg,
-            rank_unsharpened=cfg.temperature == 0, device=canvas.device)
+            logits_fn, rows.numel(), self.config.vocab_size, cfg.mask_token_id, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, alg=alg, rank_unsharpened=cfg.temperature == 0,
+            device=canvas.device, processors=hooks.processors, rows_fn=lambda a, b: canvas[rows[a:b]])
         drawn = canvas.clone()
         drawn[rows, cols] = tokens
         if cfg.sampler == "ancestral":
-            return drawn
+            return drawn, full
         score = None
         if ranked:
             score = torch.zeros(canvas.shape, dtype=torch.float64, device=canvas.device)
             score[rows, cols] = scores
         return confidence_select(canvas, drawn, score, i, T, initial_masked, cfg.mask_token_id, fill, generator,
-                                 cfg.randomness, cfg.mask_schedule, order, cfg.alg_temp)
+                                 cfg.randomness, cfg.mask_schedule, order, cfg.alg_temp), full
+
+    @staticmethod
+    def _checked(value, like: Tensor, name: str) -> Tensor:
+        """A hook's return value: a tensor shaped like what it was given."""
+        if not isinstance(value, torch.Tensor) or value.shape != like.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"`{name}` must return a tensor of shape {tuple(like.shape)}, got {got}.")
+        return value.to(like.device)
 
     def _reveal_order(self, cfg, length):
         if cfg.sampler != "confidence" or cfg.order != "halton":

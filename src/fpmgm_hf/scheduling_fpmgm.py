@@ -54,22 +54,23 @@ def subs_log_probs(logits: Tensor, canvas: Tensor, mask_id: int) -> Tensor:
 def filter_log_probs(
     logp: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
 ) -> Tensor:
-    """Temperature, top-k and nucleus filtering of log-probabilities (..., V); returns renormalised log-probs.
+    """Temperature, top-k and nucleus filtering of log-probabilities (..., V) with transformers' warpers (as
+    `GenerationMixin` samples); returns renormalised log-probs. temperature 0 is greedy: only the argmax survives."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    temperature 0 is greedy: only the argmax survives.
-    """
     if temperature == 0:
         best = logp.argmax(-1, keepdim=True)
         return torch.full_like(logp, -math.inf).scatter_(-1, best, 0.0)
-    logp = logp / temperature
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
     if top_k is not None and top_k < logp.shape[-1]:
-        kth = logp.topk(top_k, dim=-1).values[..., -1:]
-        logp = logp.masked_fill(logp < kth, -math.inf)
+        warpers.append(TopKLogitsWarper(int(top_k)))
     if top_p is not None and top_p < 1.0:
-        sorted_lp, order = logp.sort(dim=-1, descending=True)
-        probs = sorted_lp.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logp = logp.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    if warpers:
+        shape = logp.shape
+        logp = warpers(None, logp.reshape(-1, shape[-1])).reshape(shape)
     return torch.log_softmax(logp, dim=-1)
 
 
@@ -103,20 +104,23 @@ def _uniform(shape, device, generator) -> Tensor:
 
 def draw_rows(logits_fn, n: int, vocab_size: int, mask_id: int, *, temperature: float = 1.0,
               top_k: Optional[int] = None, top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-              alg: Optional[str] = None, rank_unsharpened: bool = False, device=None,
-              max_elements: int = 1 << 25) -> tuple[Tensor, Optional[Tensor]]:
+              alg: Optional[str] = None, rank_unsharpened: bool = False, device=None, processors=None,
+              rows_fn=None, max_elements: int = 1 << 25) -> tuple[Tensor, Optional[Tensor]]:
     """Tokens for `n` masked positions, drawn in float64 from SUBS (mask token excluded) after temperature /
     top-k / top-p, and with `alg` their confidence scores (float64; `rank_unsharpened`: scored on the temperature-1
     distribution, for greedy decoding). `logits_fn(start, end) -> (end - start, V)` gives raw logits of a slice of
     the positions; slices of at most `max_elements` logits are processed at a time, so no `(n, V)` float64 tensor
-    is ever built. The uniforms are drawn up front: the result does not depend on the slicing.
-    Returns `(tokens (n,), scores (n,) or None)`."""
+    is ever built. The uniforms are drawn up front: the result does not depend on the slicing. `processors`: a
+    transformers `LogitsProcessorList` run on each slice, with `rows_fn(start, end)` as its `input_ids` (the canvas
+    row of each position). Returns `(tokens (n,), scores (n,) or None)`."""
     u = _uniform((n,), device, generator)
     tokens, scores = [], []
     step = max(1, max_elements // vocab_size)
     for start in range(0, n, step):
         end = min(n, start + step)
         base = subs_rows(logits_fn(start, end), mask_id)  # (k, V)
+        if processors:
+            base = torch.log_softmax(processors(rows_fn(start, end) if rows_fn else None, base), dim=-1)
         logp = filter_log_probs(base, temperature, top_k, top_p)
         drawn = sample_categorical(logp, u=u[start:end])
         tokens.append(drawn)
