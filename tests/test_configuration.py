@@ -2,7 +2,7 @@
 
 import pytest
 
-from fpmgm_hf import FPMGMConfig
+from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
 
 
 def test_defaults_match_the_public_contract():
@@ -86,3 +86,22 @@ def test_cross_field_checks():
         FPMGMConfig(position_encoding="rope_2d", grid_size=(40, 40))
     with pytest.raises(ValueError, match="at least one block"):
         FPMGMConfig(num_pre_layers=0, num_fp_layers=0, num_post_layers=0)
+
+
+def test_sizes_that_could_not_be_built_are_refused_by_field():
+    from fpmgm_hf.configuration_fpmgm import LIMITS
+
+    for field, value in (("num_pre_layers", 10**6), ("num_fp_layers", 100_000), ("fp_max_iter", 10**9),
+                         ("vocab_size", 10**9), ("max_position_embeddings", 10**9), ("hidden_size", 10**6)):
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            FPMGMConfig(**{field: value})
+    with pytest.raises(ValueError, match="fp_train_grad_iters"):
+        FPMGMConfig(fp_train_grad_iters=(1, 10**6))
+    with pytest.raises(ValueError, match="parameters"):  # each size allowed, together far too many
+        FPMGMConfig(hidden_size=LIMITS["hidden_size"], num_attention_heads=64, vocab_size=LIMITS["vocab_size"],
+                    num_pre_layers=LIMITS["num_pre_layers"])
+    config = FPMGMConfig()
+    small_cfg = dict(hidden_size=64, num_attention_heads=4, vocab_size=500, mask_token_id=499, cond_dim=32)
+    real = sum(p.numel() for p in FPMGMForMaskedGeneration(FPMGMConfig(**small_cfg)).parameters())
+    small = FPMGMConfig(**small_cfg).estimated_parameters
+    assert abs(small - real) / real < 0.05 and config.estimated_parameters > 9e7

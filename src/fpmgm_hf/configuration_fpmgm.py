@@ -16,6 +16,14 @@ INJECTIONS = ("constrained", "concat_mlp", "add", "none")
 SOLVERS = ("picard", "anderson")
 POSITION_ENCODINGS = ("rope_1d", "rope_2d")
 
+# Sizes beyond these would take minutes to build or end in a raw allocator error; a config asking for them is
+# refused up front, naming the field (larger than any published masked diffusion model by orders of magnitude).
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 15, "num_attention_heads": 1 << 10, "mlp_ratio": 64,
+          "cond_dim": 1 << 15, "max_position_embeddings": 1 << 20, "num_classes": 1 << 20, "num_pre_layers": 512,
+          "num_fp_layers": 64, "num_post_layers": 512, "fp_max_iter": 10_000, "anderson_memory": 64,
+          "fp_divergence_patience": 10_000, "fp_train_iters": 1_000}
+MAX_PARAMETERS = 1 << 37  # about 137 billion: an estimate above it is refused before anything is allocated
+
 # The shared checks, bound to this config's name for the error messages.
 _fail = partial(fail, "FPMGMConfig")
 _check_int = partial(check_int, "FPMGMConfig")
@@ -180,10 +188,10 @@ class FPMGMConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def _validate(self):
-        _check_int("vocab_size", self.vocab_size, 2)
+        _check_int("vocab_size", self.vocab_size, 2, LIMITS["vocab_size"])
         _check_int("mask_token_id", self.mask_token_id, 0, self.vocab_size - 1)
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("num_attention_heads", self.num_attention_heads, 1)
+        _check_int("hidden_size", self.hidden_size, 1, LIMITS["hidden_size"])
+        _check_int("num_attention_heads", self.num_attention_heads, 1, LIMITS["num_attention_heads"])
         if self.hidden_size % self.num_attention_heads:
             _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
         head_dim = self.hidden_size // self.num_attention_heads
@@ -194,23 +202,23 @@ class FPMGMConfig(PretrainedConfig):
                 self.num_attention_heads,
                 f"a value giving a head dim divisible by {2 * rotary_axes} (rotary), got head dim {head_dim}",
             )
-        _check_int("mlp_ratio", self.mlp_ratio, 1)
-        _check_int("cond_dim", self.cond_dim, 1)
-        _check_int("max_position_embeddings", self.max_position_embeddings, 1)
+        _check_int("mlp_ratio", self.mlp_ratio, 1, LIMITS["mlp_ratio"])
+        _check_int("cond_dim", self.cond_dim, 1, LIMITS["cond_dim"])
+        _check_int("max_position_embeddings", self.max_position_embeddings, 1, LIMITS["max_position_embeddings"])
         _check_float("dropout", self.dropout, 0, 1, high_open=True)
         for name in ("time_conditioning", "tie_word_embeddings", "fp_state_norm"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
-        _check_int("num_classes", self.num_classes, 0)
+        _check_int("num_classes", self.num_classes, 0, LIMITS["num_classes"])
         for name in ("num_pre_layers", "num_fp_layers", "num_post_layers"):
-            _check_int(name, getattr(self, name), 0)
+            _check_int(name, getattr(self, name), 0, LIMITS[name])
         if self.num_layers_total == 0:
             _fail("num_pre_layers", self.num_pre_layers, "layer counts with at least one block in total")
         if self.injection not in INJECTIONS:
             _fail("injection", self.injection, list(INJECTIONS))
         _check_float("fp_decay_init", self.fp_decay_init, 0, 1, low_open=True, high_open=True)
         if self.fp_divergence_patience is not None:
-            _check_int("fp_divergence_patience", self.fp_divergence_patience, 1)
+            _check_int("fp_divergence_patience", self.fp_divergence_patience, 1, LIMITS["fp_divergence_patience"])
         _check_float("fp_jacobian_reg", self.fp_jacobian_reg, 0, math.inf, high_open=True)
         _check_float("fp_jacobian_reg_prob", self.fp_jacobian_reg_prob, 0, 1, low_open=True)
         _check_float("fp_residual_reg", self.fp_residual_reg, 0, math.inf, high_open=True)
@@ -219,17 +227,23 @@ class FPMGMConfig(PretrainedConfig):
         _check_float("fp_residual_reg_prob", self.fp_residual_reg_prob, 0, 1, low_open=True)
         if self.fp_solver not in SOLVERS:
             _fail("fp_solver", self.fp_solver, list(SOLVERS))
-        _check_int("fp_max_iter", self.fp_max_iter, 1)
+        _check_int("fp_max_iter", self.fp_max_iter, 1, LIMITS["fp_max_iter"])
         if self.fp_tol is not None:
             _check_float("fp_tol", self.fp_tol, 0, math.inf, low_open=True, high_open=True)
         self.fp_train_nograd_iters = _check_range("fp_train_nograd_iters", self.fp_train_nograd_iters, 0)
         self.fp_train_grad_iters = _check_range("fp_train_grad_iters", self.fp_train_grad_iters, 1)
-        _check_int("anderson_memory", self.anderson_memory, 1)
+        for name in ("fp_train_nograd_iters", "fp_train_grad_iters"):
+            if getattr(self, name)[1] > LIMITS["fp_train_iters"]:
+                _fail(name, getattr(self, name), f"a pair (lo, hi) with hi <= {LIMITS['fp_train_iters']}")
+        _check_int("anderson_memory", self.anderson_memory, 1, LIMITS["anderson_memory"])
         _check_float("anderson_beta", self.anderson_beta, 0, 1, low_open=True)
         _check_float("anderson_lam", self.anderson_lam, 0, math.inf, high_open=True)
         if self.position_encoding not in POSITION_ENCODINGS:
             _fail("position_encoding", self.position_encoding, list(POSITION_ENCODINGS))
         self._validate_grid()
+        if self.estimated_parameters > MAX_PARAMETERS:
+            _fail("hidden_size", self.hidden_size, f"sizes giving at most {MAX_PARAMETERS:.3g} parameters (these "
+                  f"give about {self.estimated_parameters:.3g}: vocab_size, hidden_size and the layer counts)")
         _check_float("initializer_range", self.initializer_range, 0, math.inf, low_open=True, high_open=True)
 
     def _validate_grid(self):
@@ -252,6 +266,16 @@ class FPMGMConfig(PretrainedConfig):
     def num_layers_total(self) -> int:
         """Distinct blocks: `num_pre_layers + num_fp_layers + num_post_layers`."""
         return self.num_pre_layers + self.num_fp_layers + self.num_post_layers
+
+    @property
+    def estimated_parameters(self) -> int:
+        """About how many parameters these sizes give (blocks, embeddings, head), without building anything."""
+        D, C = self.hidden_size, self.cond_dim
+        distinct = self.num_pre_layers + self.num_fp_layers + self.num_post_layers
+        block = (4 + 2 * self.mlp_ratio) * D * D + 6 * D * C + (self.mlp_ratio + 9) * D  # weights, adaLN, biases
+        conditioning = 256 * C + C * C + (self.num_classes + 1) * C * bool(self.num_classes) + 2 * D * C
+        injection = (D * D + 2 * D) * bool(self.num_fp_layers)
+        return distinct * block + 2 * self.vocab_size * D + conditioning + injection
 
     @property
     def head_dim(self) -> int:
