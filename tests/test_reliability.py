@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_table import record
@@ -276,3 +276,24 @@ def test_fuzz_corrupted_mdlm_checkpoints(mdlm_files):
     files = ("hub/model.safetensors", "hub/config.json", "last.ckpt")
     _fuzz("MDLM import: a flip, cut, append or overwrite in " + ", ".join(files),
           lambda ex: _mdlm_outcome(mdlm_files, ex), st.tuples(st.sampled_from(files), DAMAGE))
+
+
+def test_nonfinite_weights_are_refused_at_load_and_save_and_a_nonfinite_step_stops_the_run(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fpmgm_hf import FPMGMForMaskedGeneration
+    from fpmgm_hf.validation_fpmgm import CheckpointFolderError, write_manifest
+
+    folder = tmp_path / "m"
+    FPMGMForMaskedGeneration(tiny_config()).save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    name = "model.fp_blocks.0.mlp.0.weight"
+    weights[name][0, 0] = float("inf")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(folder)  # a consistent folder whose weights are not finite
+    with pytest.raises(CheckpointFolderError, match=f"NaN or inf: {name}.*allow_nonfinite"):
+        FPMGMForMaskedGeneration.from_pretrained(folder)
+    model = FPMGMForMaskedGeneration.from_pretrained(folder, allow_nonfinite=True)  # the explicit opt-out
+    with pytest.raises(ValueError, match=f"save_pretrained refused.*{name}"):
+        model.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()

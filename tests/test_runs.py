@@ -158,3 +158,24 @@ def test_export_writes_a_public_card_pushes_it_and_its_snippet_runs(assets, tmp_
     proc = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0 and proc.stdout.startswith("["), proc.stdout[-1000:] + proc.stderr[-3000:]
+
+
+def test_a_step_whose_loss_turns_nonfinite_stops_the_run_before_the_update(assets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    real_loss = Trainer.loss
+
+    def nan_at_step_4(self, x0):
+        loss, extra = real_loss(self, x0)
+        return (loss * float("nan"), extra) if self.step == 3 else (loss, extra)
+
+    with mock.patch.object(Trainer, "loss", nan_at_step_4), \
+            pytest.raises(FloatingPointError, match="step 4.*last good"):
+        train(base_args(assets, out, **{"--max-steps": 6, "--save-every": 2}))
+    assert not (out / "final").exists() and sorted(os.listdir(out / "checkpoints")) == ["step_2"]
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "checkpoints" / "step_2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    for flag, value in (("--lr", "inf"), ("--lr", "0"), ("--clip", "nan"), ("--eval-every", "-1"), ("--out", "")):
+        with pytest.raises(ValueError, match=flag):
+            train(base_args(assets, tmp_path / "x", **{flag: value}))

@@ -435,6 +435,15 @@ def loading_problems(model, info: dict, allow_mismatch: bool) -> list[str]:
     return problems + [str(e) for e in info.get("error_msgs") or ()]
 
 
+def nonfinite_tensors(model) -> list[str]:
+    """Names of the parameters and buffers of `model` holding NaN or inf (meta tensors are skipped)."""
+    import torch
+
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in named
+            if not t.is_meta and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 class CheckedWeightsMixin:
     """Put before `PreTrainedModel`: all-or-nothing `save_pretrained` / `from_pretrained` (module docstring).
     `from_pretrained(..., ignore_mismatched_sizes=True)` still re-initialises mismatched tensors on request."""
@@ -445,6 +454,10 @@ class CheckedWeightsMixin:
         push = kwargs.pop("push_to_hub", False)
         hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in kwargs}
         parent_save = super().save_pretrained
+        bad = nonfinite_tensors(self)
+        if bad:  # an export of a diverged model would load as garbage (or be refused at load)
+            raise ValueError(f"save_pretrained refused: {len(bad)} tensor(s) hold NaN or inf: "
+                             f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}.")
 
         def fill(tmp):
             parent_save(tmp, *args, **kwargs)
@@ -456,7 +469,9 @@ class CheckedWeightsMixin:
             self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_nonfinite: bool = False, **kwargs):
+        """As transformers', with the checks in the module docstring; weights holding NaN or inf are refused, naming
+        the tensors, unless `allow_nonfinite=True` (e.g. to inspect a diverged run)."""
         if pretrained_model_name_or_path is not None and not kwargs.get("gguf_file"):
             check_model_files(cls.__name__, pretrained_model_name_or_path, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
@@ -477,6 +492,12 @@ class CheckedWeightsMixin:
                 f"{cls.__name__}.from_pretrained({os.fspath(pretrained_model_name_or_path)!r}"
                 + (f", subfolder={sub!r}" if sub else "") + ") refused: the weights do not fit the config.\n  "
                 + "\n  ".join(problems) + "\nCheck that config.json belongs to these weights, or re-save the model.")
+        bad = [] if allow_nonfinite else nonfinite_tensors(model)
+        if bad:
+            raise CheckpointFolderError(
+                f"{cls.__name__}.from_pretrained({os.fspath(pretrained_model_name_or_path)!r}) refused: "
+                f"{len(bad)} tensor(s) hold NaN or inf: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} (a "
+                "diverged run?). Pass allow_nonfinite=True to load them anyway.")
         return (model, info) if want_info else model
 
 

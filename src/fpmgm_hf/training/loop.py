@@ -96,6 +96,16 @@ def check_loop_args(args) -> None:
     for name in ("grad_accum", "max_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}.")
+    for name in ("weight_decay", "clip", "consistency_weight"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}.")
+    if not str(args.out).strip():
+        raise ValueError("--out must name a folder, got an empty string.")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
     check_rotation_and_adapter_args(args)
@@ -219,8 +229,10 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss, extra = self.loss(x0)
                 acc.backward(loss)
-                if acc.sync_gradients and a.clip > 0:
-                    acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], a.clip)
+                if acc.sync_gradients:
+                    norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               a.clip if a.clip > 0 else math.inf)
+                    self._check_finite(loss, norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             losses.append(loss.detach())
@@ -229,6 +241,16 @@ class Trainer:
         self.step += 1
         mean = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
         return {"step": self.step, "loss": mean, "lr": lr, **extra}
+
+    def _check_finite(self, loss, grad_norm) -> None:
+        """Stop before an update that would write NaN or inf into the weights; the last checkpoint stays good."""
+        if bool(torch.isfinite(loss.detach())) and (grad_norm is None or bool(torch.isfinite(grad_norm))):
+            return
+        raise FloatingPointError(
+            f"step {self.step + 1}: the loss ({float(loss):.4g}) or the gradient norm "
+            f"({float(grad_norm) if grad_norm is not None else float('nan'):.4g}) is not finite; stopped before the "
+            f"update, so the weights and the checkpoints in {self.args.out}/checkpoints are the last good ones. "
+            "Resume from one (--resume latest) with a smaller --lr.")
 
     # ------------------------------------------------------------------------------------ evaluation
 
