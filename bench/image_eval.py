@@ -9,6 +9,9 @@ Stages (a finished stage is skipped):
   train       MaskGIT-12 (the baseline) and FP-MaskGIT 4/1/4 (the default fixed-point map), side by side with one
               thread each, so their step time and peak memory compare under the same load; then the CoFRe
               consistency stage on FP-MaskGIT
+  cost        training time per step and peak memory, FP-MaskGIT / MaskGIT-12, measured side by side in one run:
+              each model trains `--cost-steps` steps in its own process (its own peak RSS), the two alternating over
+              `--cost-rounds` rounds at one thread each so that a change in machine load hits both
   eval        per model, reuse (none / 3sr) and budget: `--num-images` class-balanced samples (CFG, Halton order,
               confidence sampler), decoded by the VQ tokenizer; class-conditional accuracy under the classifier,
               Fréchet distance in the classifier's feature space (every point) and in Inception's (at each model's
@@ -61,6 +64,8 @@ def parse_args(argv=None):
     a("--guidance", type=float, default=2.0)
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=1, help="torch threads for every stage (1 leaves the other core free)")
+    a("--cost-steps", type=int, default=30, help="timed training steps per model and round of the cost stage")
+    a("--cost-rounds", type=int, default=3, help="alternating rounds of the cost stage")
     a("--parallel", action="store_true",
       help="train MaskGIT and FP-MaskGIT at the same time (one thread each); default: one after the other")
     return p.parse_args(argv)
@@ -153,6 +158,63 @@ def stage_train(args, out: Path) -> dict:
     return {name: json.loads((out / slug(name) / "train_report.json").read_text()) for name in MODELS}
 
 
+def _cost_child(preset: str, codes: str, steps: int, batch: int, seed: int, report: str) -> None:
+    """Runs inside a subprocess: `steps` MaskGIT training steps of a fresh `preset` model after 3 untimed ones;
+    writes the median step time and this process's peak RSS."""
+    torch.set_num_threads(1)
+    from fpmgm_hf import FPMGMConfig, FPMGMForMaskedGeneration
+    from fpmgm_hf.images.train import image_model_fields, load_token_grids
+    from fpmgm_hf.training.objectives import maskgit_loss
+
+    tokens, labels, info = load_token_grids(codes)
+    base = peak_rss_mb()  # imports and data: what both processes hold before a model exists
+    torch.manual_seed(seed)
+    model = FPMGMForMaskedGeneration(FPMGMConfig(**image_model_fields(preset, info["codebook_size"],
+                                                                     info["grid_size"], 10))).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for step in range(steps + 3):
+        idx = torch.randint(0, tokens.shape[0], (batch,), generator=g)
+        t0 = time.perf_counter()
+        loss, _ = maskgit_loss(model, tokens[idx], generator=g, class_labels=labels[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step >= 3:
+            times.append(time.perf_counter() - t0)
+    Path(report).write_text(json.dumps({"median_step_s": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
+                                        "training_mb": peak_rss_mb() - base,
+                                        "params": sum(p.numel() for p in model.parameters())}))
+
+
+def stage_cost(args, out: Path) -> dict:
+    """FP-MaskGIT 4/1/4 against MaskGIT-12: step time and peak RSS, alternating processes, medians over rounds."""
+    path = out / "cost.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {name: [] for name in ("MaskGIT-12", "FP-MaskGIT 4/1/4")}
+    for r in range(args.cost_rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):  # alternate who goes first
+            report = out / f"cost_{slug(name)}_{r}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_cost", MODELS[name][0],
+                   str(out / "codes" / f"{args.data}_train.npz"), str(args.cost_steps), str(args.batch_size),
+                   str(args.seed), str(report)]
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+            runs[name].append(json.loads(report.read_text()))
+    cost = {name: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                   "training_mb": statistics.median(r["training_mb"] for r in rs), "params": rs[0]["params"],
+                   "rounds": len(rs), "steps_per_round": args.cost_steps} for name, rs in runs.items()}
+    fp, mg = cost["FP-MaskGIT 4/1/4"], cost["MaskGIT-12"]
+    cost["ratios"] = {"step_time": fp["median_step_s"] / mg["median_step_s"],
+                      "peak_rss": fp["peak_rss_mb"] / mg["peak_rss_mb"],
+                      "training_memory": fp["training_mb"] / mg["training_mb"], "params": fp["params"] / mg["params"]}
+    path.write_text(json.dumps(cost, indent=1))
+    return cost
+
+
 # -------------------------------------------------------------------------------------------------- eval
 
 
@@ -236,7 +298,7 @@ def _inception(args, out: Path, cells: dict, test) -> None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict) -> None:
+def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, cost: dict) -> None:
     sys.path.insert(0, str(ROOT / "examples"))
     from generate_images import save_grid
 
@@ -254,7 +316,8 @@ def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict) 
     payload = {"dataset": args.data, "fid_floor": cells["floor"]["classifier"],
                "fid_floor_inception": cells["floor"].get("inception"),
                "classifier_test_accuracy": clf_summary["test_accuracy"], "sweep": sweep,
-               "training": {k: {kk: v for kk, v in t.items() if kk != "final"} for k, t in trains.items()}}
+               "training": {k: {kk: v for kk, v in t.items() if kk != "final"} for k, t in trains.items()},
+               "training_cost": cost}
     (docs / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     for name in MODELS:
         best = min((s for s in sweep if s["model"] == name), key=lambda s: s["fid_classifier"])
@@ -292,6 +355,16 @@ def _write_readme(args, docs: Path, payload: dict) -> None:
     for name, t in payload["training"].items():
         ce = f"{t['val_ce'][0]:.3f} → {t['val_ce'][1]:.3f}" if t.get("val_ce") else "–"
         lines.append(f"| {name} | {t['steps']} | {t['median_step_s']:.3f} | {t['peak_rss_mb']:.0f} | {ce} |")
+    cost = payload["training_cost"]
+    fp, mg, r = cost["FP-MaskGIT 4/1/4"], cost["MaskGIT-12"], cost["ratios"]
+    lines += ["", f"Training cost measured side by side (`cost` stage: {fp['rounds']} alternating rounds of "
+              f"{fp['steps_per_round']} steps per model, one thread, each model in its own process): step time "
+              f"{fp['median_step_s']:.3f} s vs {mg['median_step_s']:.3f} s (FP / MaskGIT = {r['step_time']:.3f}; the "
+              f"paper: 0.514 on ImageNette), memory the training adds to the process {fp['training_mb']:.0f} vs "
+              f"{mg['training_mb']:.0f} MB ({r['training_memory']:.3f}; the paper's GPU memory: 0.493; whole-process "
+              f"peak RSS {fp['peak_rss_mb']:.0f} vs {mg['peak_rss_mb']:.0f} MB), parameters {fp['params']:,} vs "
+              f"{mg['params']:,} ({r['params']:.3f}). The per-model rows above ran one after the other under "
+              "different loads: compare them only through these ratios."]
     lines += ["", "Samples at each model's best point (ten per digit, one digit per column): "
               + ", ".join(f"![{n}]({slug(n)}.png)" for n in MODELS)]
     if (docs / "findings.md").is_file():
@@ -307,13 +380,17 @@ def main(argv=None) -> None:
     stage_vq(args, out)
     clf_summary = stage_classifier(args, out)
     trains = stage_train(args, out)
+    cost = stage_cost(args, out)
     cells = stage_eval(args, out, trains)
     if args.docs:
-        stage_report(args, out, trains, cells, clf_summary)
+        stage_report(args, out, trains, cells, clf_summary, cost)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "_train":
         _train_child(sys.argv[3:], sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "_cost":
+        preset, codes, steps, batch, seed, report = sys.argv[2:8]
+        _cost_child(preset, codes, int(steps), int(batch), int(seed), report)
     else:
         main()
