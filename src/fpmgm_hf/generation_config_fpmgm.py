@@ -192,8 +192,9 @@ class FPMGMGenerationConfig(GenerationConfig):
         mask_schedule (`str`, "cosine"), randomness (`float`, 0), order (`str`, "confidence"): MaskGIT
             schedule, annealed Gumbel noise on confidences, and reveal order ("halton" for images).
         guidance_scale (`float`): classifier-free guidance against the null class (needs `class_labels`).
-        use_cache (`bool`, True): skip the network for rows whose canvas did not change since their last
-            call (exact when time conditioning is off); skipped calls cost no budget.
+        use_cache (`bool`, True): run the network only for rows with a token to draw at a step (reveal-first:
+            a step that reveals nothing in a row costs nothing, exact with or without time conditioning). False: every
+            row with a masked position at every step (to follow the solver across all steps).
         return_dict_in_generate / output_history: return an [`FPMGMGenerationOutput`], with canvases.
         output_solver_trace (`bool`, False): add each sample's residual per iteration to `step_stats`.
         mask_token_id: defaults to the model config's. eos_token_id (`int` or list): after the first generated
