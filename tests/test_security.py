@@ -160,3 +160,28 @@ def test_remote_code_load_of_a_saved_folder_checks_the_manifest(tmp_path):
     assert "model.safetensors: content changed" in result["error"]
     assert json.loads((save / "checksums.json").read_text())["files"]["modeling_fpmgm.py"]["size"] > 0
     assert FPMGMForMaskedGeneration  # the local class is what loads without trust_remote_code
+
+
+def test_an_evaluation_lm_with_its_own_code_is_refused_without_asking(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model", "AutoConfig": "evil.Config"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text("open('PWNED', 'w').write('ran')\nraise SystemExit('planted code ran')\n")
+    code = ("from fpmgm_hf.evaluation.metrics import load_eval_lm\n"
+            f"try:\n    model, _, _ = load_eval_lm({str(folder)!r}, offline_fallback=False)\n"
+            "    print('loaded', type(model).__name__)\n"
+            "except Exception as err:\n    print('refused:', type(err).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    # Without the flag the folder's code never runs and nothing asks: transformers' own GPT-2 class or a refusal.
+    assert ("loaded GPT2LMHeadModel" in proc.stdout or "refused" in proc.stdout) and "Do you wish" not in out, out
+    assert not (tmp_path / "PWNED").exists() and "planted code ran" not in out

@@ -62,6 +62,7 @@ def load_eval_lm(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load the causal LM that scores generated text: ``(model, tokenizer, info)``.
 
@@ -76,6 +77,9 @@ def load_eval_lm(
     ``fallback`` and ``comparable_to_published``. The last is True only when the loaded model has
     gpt2-large's architecture; it is always False for the fallback. The fallback's numbers rank samples
     sensibly, but they are not on the published Gen-PPL scale.
+
+    ``trust_remote_code``: whether a folder's or repo's own model code may run; False (the default) refuses it
+    without asking (never transformers' interactive question).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,8 +90,9 @@ def load_eval_lm(
     if not offline and not is_local and offline_fallback and not _hub_reachable():
         offline = True  # don't sit through huggingface_hub's retries; the local cache is still tried
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=offline, dtype=dtype)
+        code = {"trust_remote_code": bool(trust_remote_code)}  # explicit: transformers never asks y/N
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline, **code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=offline, dtype=dtype, **code)
         info = {"name": name_or_path, "source": "local" if is_local else "hub_or_cache", "fallback": False}
     except OSError as err:
         if is_local or not offline_fallback:

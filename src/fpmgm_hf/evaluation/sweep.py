@@ -106,7 +106,7 @@ def _evaluators(args, device) -> dict:
         raise ValueError(f"--eval-lm-names needs one label per --eval-lm ({len(args.eval_lm)}), got {len(labels)}.")
     lms = {}
     for label, spec in zip(labels, args.eval_lm, strict=True):
-        lm, tok, info = load_eval_lm(spec)
+        lm, tok, info = load_eval_lm(spec, trust_remote_code=getattr(args, "trust_remote_code", False))
         lms[label] = (lm.to(device), tok, info)
     return lms
 
@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every point)")
     sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     sw.add_argument("--out", default="outputs/sweep", help="output folder (re-runs resume from points.jsonl)")
-    sw.add_argument("--trust-remote-code", action="store_true", help="UNSAFE: let the --model folders run their code")
+    sw.add_argument("--trust-remote-code", action="store_true",
+                    help="UNSAFE: let the --model folders and the --eval-lm models run their own code (without it, "
+                         "such code is refused, never asked about)")
     from .reference_lm import build_parser as reference_lm_parser
 
     reference_lm_parser(sub.add_parser("train-lm", help="train an in-domain causal LM to score samples with"))
