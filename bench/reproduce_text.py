@@ -229,15 +229,21 @@ def stage_depth(args, out):
     CoFRe (3SR) at B24, B96 and B384 (8, 32, 96 where it has not run)."""
     from fpmgm_hf.evaluation.depth import main as depth
 
-    (out / "depth").mkdir(exist_ok=True)
     steps = [str(sweep_pick(out, "FP-MDLM + L_CONS|3sr", b, default)) for b, default in ((24, 8), (96, 32), (384, 96))]
+    per_fp_model(args, out, "depth", depth, ["--steps", *steps])
+
+
+def per_fp_model(args, out: Path, what: str, cli, extra=()) -> None:
+    """Run a per-model measurement CLI (`evaluation.stability` / `.depth` main) on every trained fixed-point model,
+    into OUT/<what>/<model>.json; a finished measurement is not rerun."""
+    (out / what).mkdir(exist_ok=True)
     for name, (sub, baseline) in MODELS.items():
-        path = out / "depth" / f"{slug(name)}.json"
+        path = out / what / f"{slug(name)}.json"
         if baseline or path.is_file() or not done(out / sub):
             continue
-        print(f"[depth] {name}", flush=True)
-        depth([str(out / sub), "--tokenizer", str(out / "tokenizer"), "--seq-len", str(args.seq_len),
-               "--seed", str(args.seed), "--steps", *steps, "--json", str(path)])
+        print(f"[{what}] {name}", flush=True)
+        cli([str(out / sub), "--tokenizer", str(out / "tokenizer"), "--seq-len", str(args.seq_len),
+             "--seed", str(args.seed), *extra, "--json", str(path)])
 
 
 def sweep_pick(out: Path, call: str, budget: int, default: int) -> int:
@@ -251,14 +257,7 @@ def stage_contract(args, out):
     """The stability contract (docs/stability) on every trained fixed-point model, written to OUT/contract/."""
     from fpmgm_hf.evaluation.stability import main as contract
 
-    (out / "contract").mkdir(exist_ok=True)
-    for name, (sub, baseline) in MODELS.items():
-        path = out / "contract" / f"{slug(name)}.json"
-        if baseline or path.is_file() or not done(out / sub):
-            continue
-        print(f"[contract] {name}", flush=True)
-        contract([str(out / sub), "--tokenizer", str(out / "tokenizer"), "--seq-len", str(args.seq_len),
-                  "--seed", str(args.seed), "--json", str(path)])
+    per_fp_model(args, out, "contract", contract)
 
 
 def slug(name: str) -> str:

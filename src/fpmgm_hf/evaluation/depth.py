@@ -196,41 +196,25 @@ def format_profile(profile: dict) -> str:
 def main(argv=None) -> int:
     """`python -m fpmgm_hf.evaluation.depth MODEL`: the depth profile of a trained FP-MGM."""
     import argparse
-    import json
 
-    from ..data import load_blocks, load_training_tokenizer, split_blocks
-    from ..data.assets import atomic_write
-    from ..modeling_fpmgm import FPMGMForMaskedGeneration
+    from .stability import add_model_arguments, fp_model_and_heldout, write_json
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("model", help="a saved FP-MGM folder")
-    p.add_argument("--data", default="shakespeare", help="held-out text: a bundled corpus or .txt/.jsonl files")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    p.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's positions)")
+    add_model_arguments(p)
     p.add_argument("--blocks", type=int, default=128, help="held-out blocks for the NELBO (the KL uses 32)")
     p.add_argument("--steps", type=int, nargs="+", default=[8, 32, 96],
                    help="step counts of the start-residual generations (the sweep's picks at B24 / B96 / B384)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the profile to this file")
     args = p.parse_args(argv)
-    for name in ("blocks", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.blocks < 1:
+        p.error(f"--blocks must be >= 1, got {args.blocks}")
     if any(T < 2 for T in args.steps):
         p.error(f"--steps must all be >= 2 (the first step has no warm start), got {args.steps}")
-    model = FPMGMForMaskedGeneration.from_pretrained(args.model).eval()
-    if model.config.num_fp_layers == 0:
-        p.error(f"{args.model!r} has no fixed-point block (num_fp_layers=0): no depth to profile")
-    seq_len = args.seq_len or model.config.max_position_embeddings
-    tok = load_training_tokenizer(args.tokenizer or args.model)
-    _, val = split_blocks(load_blocks(args.data, tok, seq_len), 0.05)
+    model, val, seq_len = fp_model_and_heldout(p, args, "no depth to profile")
     profile = depth_profile(model, val, seq_len=seq_len, steps=args.steps, nelbo_blocks=args.blocks,
                             seed=args.seed)
     print(format_profile(profile))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as f:
-            json.dump(profile, f, indent=1)
+        write_json(args.json, profile)
     return 0
 
 

@@ -125,34 +125,56 @@ def measure_contract(model, blocks: Tensor, *, seq_len: int, budget: int = 768, 
             "failures": check_contract(profile, generation)}
 
 
-def main(argv=None) -> int:
-    """`python -m fpmgm_hf.evaluation.stability MODEL`: does a trained FP-MGM keep the stability contract?
-    Exit 1 if not."""
-    import argparse
-    import json
-
-    from ..data import load_blocks, load_training_tokenizer, split_blocks
-    from ..data.assets import atomic_write
-    from ..modeling_fpmgm import FPMGMForMaskedGeneration
-
-    p = argparse.ArgumentParser(description=main.__doc__)
+def add_model_arguments(p) -> None:
+    """The arguments every per-model measurement CLI shares: the model, its held-out text and the seed."""
     p.add_argument("model", help="a saved FP-MGM folder (or Hub id)")
     p.add_argument("--data", default="shakespeare", help="held-out text: a bundled corpus or .txt/.jsonl files")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--seq-len", type=int, default=None, help="block length (default: the model's positions)")
-    p.add_argument("--blocks", type=int, default=32, help="held-out blocks per mask rate")
-    p.add_argument("--budget", type=int, default=768, help="budget of the warm-started generate check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurement to this file")
-    args = p.parse_args(argv)
-    if args.blocks < 1:
-        p.error(f"--blocks must be >= 1, got {args.blocks}")
+
+
+def fp_model_and_heldout(p, args, what: str):
+    """`(model, held-out blocks (N, seq_len), seq_len)` for `add_model_arguments`' args: the last 5% of --data's
+    blocks, the split training uses. A model without a fixed-point block is refused (`what` says what is missing)."""
+    from ..data import load_blocks, load_training_tokenizer, split_blocks
+    from ..modeling_fpmgm import FPMGMForMaskedGeneration
+
+    if args.seq_len is not None and args.seq_len < 1:
+        p.error(f"--seq-len must be >= 1, got {args.seq_len}")
     model = FPMGMForMaskedGeneration.from_pretrained(args.model).eval()
     if model.config.num_fp_layers == 0:
-        p.error(f"{args.model!r} has no fixed-point block (num_fp_layers=0): nothing to check")
+        p.error(f"{args.model!r} has no fixed-point block (num_fp_layers=0): {what}")
     seq_len = args.seq_len or model.config.max_position_embeddings
     tok = load_training_tokenizer(args.tokenizer or args.model)
     _, val = split_blocks(load_blocks(args.data, tok, seq_len), 0.05)
+    return model, val, seq_len
+
+
+def write_json(path, payload: dict) -> None:
+    """`payload` as JSON at `path`, written atomically (a killed run leaves no half-written file)."""
+    import json
+
+    from ..data.assets import atomic_write
+
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+
+
+def main(argv=None) -> int:
+    """`python -m fpmgm_hf.evaluation.stability MODEL`: does a trained FP-MGM keep the stability contract?
+    Exit 1 if not."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    add_model_arguments(p)
+    p.add_argument("--blocks", type=int, default=32, help="held-out blocks per mask rate")
+    p.add_argument("--budget", type=int, default=768, help="budget of the warm-started generate check")
+    args = p.parse_args(argv)
+    if args.blocks < 1:
+        p.error(f"--blocks must be >= 1, got {args.blocks}")
+    model, val, seq_len = fp_model_and_heldout(p, args, "nothing to check")
     result = measure_contract(model, val[: args.blocks], seq_len=seq_len, budget=args.budget, seed=args.seed)
     for rate, row in result["profile"].items():
         res = " / ".join(f"{row['residual'][k]:.2g}" for k in sorted(row["residual"], key=int))
@@ -161,8 +183,7 @@ def main(argv=None) -> int:
         print(f"generate(reuse={mode!r}, budget={args.budget}): {'finite' if row['finite'] else row['error']}")
     print("contract holds" if not result["failures"] else "contract FAILS:\n  " + "\n  ".join(result["failures"]))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as f:  # a killed run leaves no half-written file
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0 if not result["failures"] else 1
 
 
