@@ -297,3 +297,28 @@ def test_nonfinite_weights_are_refused_at_load_and_save_and_a_nonfinite_step_sto
     with pytest.raises(ValueError, match=f"save_pretrained refused.*{name}"):
         model.save_pretrained(tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_an_edited_tokenizer_or_config_is_refused_on_every_load_path(tmp_path):
+    from test_evaluation import tiny_tokenizer
+
+    from fpmgm_hf.data import load_training_tokenizer
+    from fpmgm_hf.demo.app import LoadError, load_model
+    from fpmgm_hf.validation_fpmgm import CheckpointFolderError, write_manifest
+
+    folder = tmp_path / "m"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    write_manifest(folder)  # as fpmgm-train and the converter write it: over the tokenizer files too
+    assert load_model(str(folder)).tokenizer is not None
+    original = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(original.replace('"w1"', '"w1x"'))
+    with pytest.raises(CheckpointFolderError, match="tokenizer.json"):
+        load_training_tokenizer(str(folder))  # what fpmgm-train --from and the evaluations use
+    with pytest.raises(LoadError, match="tokenizer.json"):
+        load_model(str(folder))  # the demo
+    (folder / "tokenizer.json").write_text(original)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"dropout": 0.0', '"dropout": 0.5'))
+    with pytest.raises(LoadError, match="config.json"):
+        load_model(str(folder))  # the demo no longer passes its own config= around the check

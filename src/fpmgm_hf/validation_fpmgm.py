@@ -223,6 +223,23 @@ def verify_folder(folder: str) -> list[str]:
     return problems + _unlisted(folder, files)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "chat_template.jinja")
+
+
+def check_tokenizer_files(folder: str) -> None:
+    """The tokenizer files of a folder that its manifest lists must be as saved (a tokenizer saved into the folder
+    after the model, hence unlisted, passes). Raises `CheckpointFolderError` naming the files."""
+    manifest = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(manifest):
+        return
+    files = read_manifest(manifest)
+    names = [n for n in TOKENIZER_FILES if n in files]
+    problems = manifest_problems(files, lambda n: os.path.join(folder, n), names)
+    if problems:
+        raise _manifest_failure(folder, problems)
+
+
 def _unlisted(folder: str, files: dict) -> list[str]:
     return [f"{n}: not listed in {MANIFEST_NAME} (added after the save?)"
             for n in sorted(os.listdir(folder)) if _loaded_by_model(n) and n not in files]

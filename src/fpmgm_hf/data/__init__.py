@@ -59,6 +59,9 @@ def auto_tokenizer(folder: str, trust_remote_code: bool = False):
     folder that needs its own code is refused with a ValueError naming it and the flag."""
     from transformers import AutoTokenizer
 
+    from ..validation_fpmgm import check_tokenizer_files
+
+    check_tokenizer_files(folder)  # an edited tokenizer.json is refused like an edited config.json
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:

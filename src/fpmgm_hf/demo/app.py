@@ -99,14 +99,14 @@ def hub_folder(spec: str) -> str:
 def load_model(spec: str, trust_remote_code: bool = False, name: Optional[str] = None) -> LoadedModel:
     """Load a `save_pretrained` folder (or `hf://user/repo`) with fpmgm_hf's own classes: no code from the folder
     runs, unless `trust_remote_code` for its tokenizer. Text folders need tokenizer files, image folders `vq/`."""
-    from .. import FPMGMConfig, FPMGMForMaskedGeneration
+    from .. import FPMGMForMaskedGeneration
 
     path = hub_folder(spec)
     if not os.path.isdir(path):
         raise LoadError(f"model folder {path!r} does not exist.")
-    try:
-        config = FPMGMConfig.from_pretrained(path)
-        model = FPMGMForMaskedGeneration.from_pretrained(path, config=config).eval()
+    try:  # config.json read (and checked against the manifest) by from_pretrained itself
+        model = FPMGMForMaskedGeneration.from_pretrained(path).eval()
+        config = model.config
     except Exception as err:  # any reason a folder is not an FP-MGM model: say which folder and why
         raise LoadError(f"{path!r} is not a loadable fpmgm model folder: {type(err).__name__}: {err}") from err
     name = name or (spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else _model_name(path))
