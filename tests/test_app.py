@@ -152,7 +152,8 @@ def test_an_empty_prompt_starts_at_a_document_boundary(models):
 def test_long_outputs_are_decoded_in_blocks(models):
     loaded = models.models["tiny-fp-mdlm"]  # context 128: 200 new tokens take blocks of 64
     frames, result = run(engine.stream_text(loaded, text_request(max_new_tokens=200, budget=24)))
-    assert result.num_blocks == 4 and frames[0].total == 4 * 4 == len(frames)
+    # 4 steps per block; the page may skip frames when it falls behind a busy machine, never add any
+    assert result.num_blocks == 4 and frames[0].total == 4 * 4 and 1 <= len(frames) <= 4 * 4
     assert not (result.canvas == loaded.model.config.mask_token_id).any()
 
 
