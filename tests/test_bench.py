@@ -153,3 +153,20 @@ def test_run_all_subset_keeps_the_sections_it_did_not_rerun(tmp_path):
     text = out.read_text()
     assert "stale" not in text and "169,627,218" in text and "kept 0.990" in text and "old header" not in text
     assert text.index("## Parameter counts") < text.index("## Training cost")  # order kept
+
+
+def test_depth_ablation_harness_toy_run(tmp_path):
+    import fp_depth
+
+    argv = ["--steps", "3", "--hidden", "32", "--heads", "4", "--seq-len", "16", "--batch", "4",
+            "--variants", "twin", "no-penalty", "--gen-steps", "4", "--out", str(tmp_path / "o"),
+            "--docs", str(tmp_path / "d")]
+    results = fp_depth.main(argv)
+    assert [r["variant"] for r in results] == ["twin", "no-penalty"]
+    fp = results[1]
+    assert set(fp["depth"]["nelbo_by_iters"]) == {"1", "2", "4", "8", "16", "32"} and "contract" in fp
+    assert list(fp["shares"]) == ["pre0", "fp0", "post0"] and fp["fields"]["fp_residual_reg"] == 0.0
+    readme = (tmp_path / "d" / "README.md").read_text()
+    assert "shallow twin" in readme and "constrained, no penalty" in readme
+    again = fp_depth.main(argv)  # resumes: finished variants are read back
+    assert [r["depth"] for r in again] == [r["depth"] for r in results]
