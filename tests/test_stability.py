@@ -212,7 +212,8 @@ def _map(model, x, h_pre):
 def test_residual_penalty_reaches_the_objective():
     x0 = torch.randint(0, MASK, (2, 8))
     plain = tiny_model(fp_residual_reg=0.0, fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
-    reg = tiny_model(fp_residual_reg=0.5, fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
+    reg = tiny_model(fp_residual_reg=0.5, fp_residual_reg_iters=0, fp_residual_reg_tol=0.0, fp_residual_reg_prob=1.0,
+                     fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2)).train()
     assert plain(x0, generator=torch.Generator().manual_seed(0)).fixed_point_loss is None
     loss_plain, _ = mdlm_nelbo(plain, x0, generator=torch.Generator().manual_seed(0))
     loss_reg, aux = mdlm_nelbo(reg, x0, generator=torch.Generator().manual_seed(0))
@@ -226,8 +227,9 @@ def test_deep_hinged_residual_penalty_measures_a_later_iterate_and_spares_a_conv
     from fpmgm_hf.fixed_point_fpmgm import differentiable_residual
 
     x0 = torch.randint(0, MASK, (2, 8))
-    common = dict(fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2), fp_residual_reg=1.0)
-    deep = tiny_model(fp_residual_reg_iters=6, **common).train()
+    common = dict(fp_train_nograd_iters=(0, 0), fp_train_grad_iters=(2, 2), fp_residual_reg=1.0,
+                  fp_residual_reg_prob=1.0, fp_residual_reg_tol=0.0)
+    deep = tiny_model(**common, fp_residual_reg_iters=6).train()
     _, aux = mdlm_nelbo(deep, x0, generator=torch.Generator().manual_seed(0))
     # Reference: the same map by hand, 2 graph iterations from h_pre, 6 more, then one: its relative residual.
     with torch.no_grad():
@@ -237,13 +239,13 @@ def test_deep_hinged_residual_penalty_measures_a_later_iterate_and_spares_a_conv
     expected = differentiable_residual(z9, z8, None)
     torch.testing.assert_close(aux["output"].fixed_point_loss, expected, rtol=1e-4, atol=1e-6)
     # The hinge: a tolerance above the deep residual asks nothing (no penalty, no gradient).
-    hinged = tiny_model(fp_residual_reg_iters=6, fp_residual_reg_tol=float(expected) * 2, **common).train()
+    hinged = tiny_model(**{**common, "fp_residual_reg_tol": float(expected) * 2}, fp_residual_reg_iters=6).train()
     _, aux = mdlm_nelbo(hinged, x0, generator=torch.Generator().manual_seed(0))
     assert float(aux["output"].fixed_point_loss) == 0.0
-    shallow = tiny_model(**common).train()  # the last graph iteration: a larger residual than 6 iterations later
+    shallow = tiny_model(**common, fp_residual_reg_iters=0).train()  # the last graph iteration: a larger residual
     _, aux_shallow = mdlm_nelbo(shallow, x0, generator=torch.Generator().manual_seed(0))
     assert float(aux_shallow["output"].fixed_point_loss) > float(expected)
-    never = tiny_model(fp_residual_reg_prob=1e-9, **common).train()  # paid on (almost) no step
+    never = tiny_model(**{**common, "fp_residual_reg_prob": 1e-9}).train()  # paid on (almost) no step
     assert never(x0, generator=torch.Generator().manual_seed(0)).fixed_point_loss is None
 
 

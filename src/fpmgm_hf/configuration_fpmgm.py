@@ -76,20 +76,19 @@ class FPMGMConfig(PretrainedConfig):
         fp_jacobian_reg (`float`, defaults to 0.0): training only: weight of the Jacobian penalty
             `||dF/dz||_F^2 / d` at the last S-JFB iterate (one Hutchinson vector, Bai et al. 2021).
         fp_jacobian_reg_prob (`float`, defaults to 1.0): fraction of training forwards that pay for it.
-        fp_residual_reg (`float`, defaults to 0.0): training only: weight of the relative residual of the last
-            S-JFB graph iteration, `||z_m - z_{m-1}|| / ||z_{m-1}||`. 0 gives the paper's objective. A positive
-            weight rewards a map whose first application is already its fixed point, and the cheapest such map is
-            a shared block that does nothing: at weight 1 the block's update shrinks to ~6% of its input and the
-            iterations stop mattering (docs/depth). Without it the constrained map still converges (residual
-            ~1e-4 after 32 iterations) and its block does real work.
-        fp_residual_reg_iters (`int`, defaults to 0): where the residual penalty is measured. 0: at the last S-JFB
-            graph iteration. k > 0: after k more iterations without a graph, on one more iteration with a graph,
-            i.e. at a depth sampling rarely reaches: a contraction that does its work in the first iterations has
-            converged there and pays nothing, while a limit cycle (a bounded map that never settles) still pays.
-        fp_residual_reg_tol (`float`, defaults to 0.0): hinge of the residual penalty, `weight * max(0, r - tol)`:
+        fp_residual_reg (`float`, defaults to 1.0): training only: weight of a relative-residual penalty
+            `||z_n - z_{n-1}|| / ||z_{n-1}||` where `fp_residual_reg_iters` says. 0 gives the paper's objective.
+        fp_residual_reg_iters (`int`, defaults to 12): where the residual is measured. 0: at the last S-JFB graph
+            iteration, which rewards a map whose first application is already its fixed point: the cheapest such map
+            is a shared block that does nothing, and at weight 1 the block's update shrinks to a few percent of its
+            input and the iterations stop mattering (docs/depth). k > 0: after k more iterations without a graph,
+            on one more with a graph, at a depth sampling rarely reaches: a contraction that does its work in its
+            first iterations has converged there and pays nothing, while a limit cycle (which the unpenalised map
+            falls into on lightly masked canvases) still pays.
+        fp_residual_reg_tol (`float`, defaults to 2e-3): hinge of the residual penalty, `weight * max(0, r - tol)`:
             nothing is asked of a map already converged to `tol`.
-        fp_residual_reg_prob (`float`, defaults to 1.0): fraction of training forwards that pay for the residual
-            penalty (the deep variant costs k no-grad iterations and one graph iteration).
+        fp_residual_reg_prob (`float`, defaults to 0.5): fraction of training forwards that pay for the residual
+            penalty (k no-grad iterations and one graph iteration each).
             Both penalties come back as `fixed_point_loss` on the output and the objectives add it.
         fp_train_nograd_iters (`(int, int)`, defaults to (0, 4)): S-JFB no-grad iterations ~ U{lo..hi}.
         fp_train_grad_iters (`(int, int)`, defaults to (3, 6)): S-JFB graph iterations ~ U{lo..hi}.
@@ -135,10 +134,10 @@ class FPMGMConfig(PretrainedConfig):
         fp_divergence_patience=5,
         fp_jacobian_reg=0.0,
         fp_jacobian_reg_prob=1.0,
-        fp_residual_reg=0.0,
-        fp_residual_reg_iters=0,
-        fp_residual_reg_tol=0.0,
-        fp_residual_reg_prob=1.0,
+        fp_residual_reg=1.0,
+        fp_residual_reg_iters=12,
+        fp_residual_reg_tol=2e-3,
+        fp_residual_reg_prob=0.5,
         fp_train_nograd_iters=(0, 4),
         fp_train_grad_iters=(3, 6),
         anderson_memory=5,
