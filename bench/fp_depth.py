@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro_claims import FLOP_FIELDS, train_flops_per_token  # noqa: E402
 from reproduce_text import done, run, stage_tokenizer, train_cmd  # noqa: E402
 
 CONSTRAINED = dict(injection="constrained", fp_decay_init=0.5, fp_state_norm=False)  # every row names its map
@@ -122,7 +123,9 @@ def measure(name: str, args, out: Path) -> dict:
     _, val = split_blocks(pack_blocks(load_texts("shakespeare"), tok, args.seq_len), 0.05)
     result = {"variant": name, "description": description, "layers": list(layers), "fields": fields,
               "params": sum(p.numel() for p in model.parameters()), "steps": args.steps,
-              "sec_per_step": seconds_per_step(out / name), "shares": block_shares(model, val[:32], seed=args.seed)}
+              "sec_per_step": seconds_per_step(out / name), "shares": block_shares(model, val[:32], seed=args.seed),
+              "train_flops_per_token": train_flops_per_token({k: getattr(model.config, k) for k in FLOP_FIELDS},
+                                                             args.seq_len)}
     if model.config.num_fp_layers:
         result["depth"] = depth_profile(model, val, seq_len=args.seq_len, steps=args.gen_steps, seed=args.seed)
         result["contract"] = measure_contract(model, val[:32], seq_len=args.seq_len, seed=args.seed)
@@ -142,11 +145,23 @@ def _fmt(x, spec=".4f"):
     return "–" if x is None or x != x else format(x, spec)
 
 
+def flops(r: dict) -> float:
+    """Training FLOPs per token of a row (`repro_claims.train_flops_per_token`), from its config as trained."""
+    if "train_flops_per_token" in r:
+        return r["train_flops_per_token"]
+    from fpmgm_hf import FPMGMConfig
+
+    layers, fields, _ = VARIANTS[r["variant"]]
+    config = FPMGMConfig(hidden_size=128, num_attention_heads=4, cond_dim=64, vocab_size=89, mask_token_id=88,
+                         num_pre_layers=layers[0], num_fp_layers=layers[1], num_post_layers=layers[2], **fields)
+    return train_flops_per_token({k: getattr(config, k) for k in FLOP_FIELDS}, 128)
+
+
 def table(results: list[dict]) -> str:
     twin = next((r for r in results if r["variant"] == "twin"), None)
     twin_nelbo = twin["depth"]["nelbo"] if twin else None
     lines = ["| variant | params | NELBO @1 | @32 | @1 − @32 | @32 − twin | shared block's share (pre / fp / post) "
-             "| start residual h_pre / 3SR / full (T=32) | contract | s / step |",
+             "| start residual h_pre / 3SR / full (T=32) | contract | training FLOPs / token (× twin) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         nelbo = r["depth"].get("nelbo_by_iters", {"1": r["depth"].get("nelbo"), "32": r["depth"].get("nelbo")})
@@ -159,7 +174,8 @@ def table(results: list[dict]) -> str:
         gap = None if twin_nelbo is None else n32 - twin_nelbo
         label = VARIANTS[r["variant"]][2] if r["variant"] in VARIANTS else r["description"]
         lines.append(f"| {label} | {r['params']:,} | {_fmt(n1)} | {_fmt(n32)} | {_fmt(n1 - n32, '+.4f')} "
-                     f"| {_fmt(gap, '+.4f')} | {shares} | {starts} | {contract} | {_fmt(r['sec_per_step'], '.3f')} |")
+                     f"| {_fmt(gap, '+.4f')} | {shares} | {starts} | {contract} | {flops(r) / 1e6:.1f}M "
+                     f"(×{flops(r) / flops(twin):.2f}) |" if twin else "")
     return "\n".join(lines)
 
 

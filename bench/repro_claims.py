@@ -40,12 +40,15 @@ def heldout_nelbo(model_dir: Path, tokenizer_dir: Path, args, draws: int = 2) ->
     rows = {n: nelbo_rows(model, val, n, batch_size=64, draws=draws, seed=1000) for n in iters}
     out = {"val_nelbo": float(rows[default].mean()), "params": sum(p.numel() for p in model.parameters()),
            "val_blocks": int(val.shape[0]), "rows": [round(float(v), 6) for v in rows[default]],
-           "config": {k: getattr(model.config, k) for k in ("num_pre_layers", "num_fp_layers", "num_post_layers",
-                                                            "hidden_size", "vocab_size", "fp_train_nograd_iters",
-                                                            "fp_train_grad_iters", "fp_max_iter")}}
+           "config": {k: getattr(model.config, k) for k in FLOP_FIELDS}}
     if model.config.num_fp_layers:
         out["nelbo_by_iters"] = {str(n): float(r.mean()) for n, r in rows.items() if n in ITERS}
     return out
+
+
+FLOP_FIELDS = ("num_pre_layers", "num_fp_layers", "num_post_layers", "hidden_size", "vocab_size",
+               "fp_train_nograd_iters", "fp_train_grad_iters", "fp_max_iter", "fp_residual_reg",
+               "fp_residual_reg_iters", "fp_residual_reg_prob")
 
 
 def paired_diff_ci(a: list, b: list, resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
@@ -71,6 +74,10 @@ def train_flops_per_token(config: dict, seq_len: int, consistency: bool = False)
         nograd = sum(config["fp_train_nograd_iters"]) / 2 * config["num_fp_layers"]
         graph = sum(config["fp_train_grad_iters"]) / 2 * config["num_fp_layers"]
     flops = 3 * (explicit + graph) * block + nograd * block + 3 * head
+    if config["num_fp_layers"] and config.get("fp_residual_reg", 0) > 0 and config.get("fp_residual_reg_iters", 0):
+        # the deep residual penalty: k no-grad iterations and one graph iteration, on a fraction of the steps
+        deep = config["fp_residual_reg_iters"] + 3
+        flops += config.get("fp_residual_reg_prob", 1.0) * deep * config["num_fp_layers"] * block
     if consistency:
         flops += (explicit + config["fp_max_iter"] * config["num_fp_layers"]) * block + head
     return flops
