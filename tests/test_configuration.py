@@ -17,7 +17,8 @@ def test_defaults_match_the_public_contract():
     assert (c.num_pre_layers, c.num_fp_layers, c.num_post_layers) == (1, 1, 1)
     assert c.injection == "constrained" and c.fp_solver == "picard" and c.fp_tol is None
     assert c.fp_decay_init == 0.5 and c.fp_divergence_patience == 5
-    assert c.fp_jacobian_reg == 0.0 and c.fp_residual_reg == 1.0 and c.fp_residual_reg_iters == 12 and c.fp_state_norm is False
+    assert c.fp_jacobian_reg == 0.0 and c.fp_residual_reg == 1.0 and c.fp_state_norm is False
+    assert c.fp_residual_reg_iters == 12 and c.fp_residual_reg_tol == 2e-3 and c.fp_residual_reg_prob == 0.5
     assert c.fp_train_nograd_iters == (0, 4) and c.fp_train_grad_iters == (3, 6)
     assert c.time_conditioning is False and c.tie_word_embeddings is False and c.num_classes == 0
     assert c.block_passes(4) == 1 + 4 + 1

@@ -273,3 +273,12 @@ def test_generating_past_max_position_embeddings_slides_the_context():
         model.generate(long_prompt, max_new_tokens=4, block_length=17)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(batch_size=1, seq_len=17)  # a canvas (no prompt to continue) must fit
+
+
+def test_progress_bar_counts_every_step_of_every_block(capsys):
+    model = tiny_model(max_position_embeddings=16)
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, num_steps=3, progress_bar=True, generator=seeded())
+    err = capsys.readouterr().err
+    assert "generate" in err and "/9" in err  # 3 blocks (of 8, with 8 tokens of context) x 3 steps
+    model.generate(batch_size=1, seq_len=8, num_steps=2, generator=seeded())
+    assert "generate" not in capsys.readouterr().err  # off by default

@@ -152,6 +152,7 @@ SMALL = {  # valid values that keep every example fast
     "return_dict_in_generate": st.booleans(),
     "output_history": st.booleans(),
     "output_solver_trace": st.booleans(),
+    "progress_bar": st.just(False),
     "mask_token_id": st.sampled_from([None, MASK, 5, VOCAB]),
     "pad_token_id": st.sampled_from([None, 0, 7, MASK]),
     "bos_token_id": st.sampled_from([None, 1]),

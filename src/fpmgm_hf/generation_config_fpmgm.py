@@ -58,6 +58,7 @@ _FIELDS: dict[str, Any] = {
     "return_dict_in_generate": False,
     "output_history": False,
     "output_solver_trace": False,
+    "progress_bar": False,
     "mask_token_id": None,
     "pad_token_id": None,
     "bos_token_id": None,
@@ -110,7 +111,7 @@ _CHOICES = (
     ("order", ORDERS),
     ("mask_schedule", MASK_SCHEDULES),
 )
-_BOOLS = ("use_cache", "return_dict_in_generate", "output_history", "output_solver_trace")
+_BOOLS = ("use_cache", "return_dict_in_generate", "output_history", "output_solver_trace", "progress_bar")
 
 
 def _bad(name, value, allowed):
@@ -197,6 +198,7 @@ class FPMGMGenerationConfig(GenerationConfig):
             row with a masked position at every step (to follow the solver across all steps).
         return_dict_in_generate / output_history: return an [`FPMGMGenerationOutput`], with canvases.
         output_solver_trace (`bool`, False): add each sample's residual per iteration to `step_stats`.
+        progress_bar (`bool`, False): a tqdm bar over the denoising steps (a real-shape call takes minutes on a CPU).
         mask_token_id: defaults to the model config's. eos_token_id (`int` or list): after the first generated
             EOS every generated position becomes `pad_token_id` (default: the first EOS id). bos_token_id:
             starts the canvas when `max_new_tokens` is given without `input_ids`.

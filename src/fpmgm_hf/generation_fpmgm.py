@@ -121,6 +121,17 @@ class _Window:
     index: int
 
 
+def _progress(enabled: bool, total: int):
+    """A tqdm bar over the denoising steps of all blocks, or None (tqdm is optional: no bar without it)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="step")
+
+
 class FPMGMGenerationMixin(GenerationInputsMixin):
     """Adds `generate` / `diffusion_generate` to [`FPMGMForMaskedGeneration`]. The name ends in
     `GenerationMixin` so that transformers' `can_generate()` recognises it without inheriting the
@@ -311,12 +322,13 @@ class FPMGMGenerationMixin(GenerationInputsMixin):
         )
         emitter.prompt(canvas[:, :start])
         canvas = canvas.clone()
+        bar = _progress(cfg.progress_bar, len(blocks) * len(plan))
         for index, (s, e, ws, we) in enumerate(blocks):
             fill = active.clone()
             fill[:, :s], fill[:, e:] = False, False
             if bool(((canvas == mask_id) & fill).any()):
                 window = _Window(active[:, ws:we], fill[:, ws:we], (s - ws, e - ws), index)
-                on_step = self._step_hook(canvas, (ws, we), window, out, emitter, callback)
+                on_step = self._step_hook(canvas, (ws, we), window, out, emitter, callback, bar)
                 decoded = self._sample_loop(canvas[:, ws:we], window, labels, plan, cfg, generator, out, on_step,
                                             hooks)
                 canvas[:, ws:we] = decoded
@@ -327,10 +339,12 @@ class FPMGMGenerationMixin(GenerationInputsMixin):
             if cfg.eos_ids and bool(eos_reached(canvas, generated, cfg.eos_ids).all()):
                 break  # every row has ended: the rest is padding already
         emitter.end()
+        if bar is not None:
+            bar.close()
         out.sequences = canvas
         return out
 
-    def _step_hook(self, canvas, columns, window: _Window, out, emitter, callback):
+    def _step_hook(self, canvas, columns, window: _Window, out, emitter, callback, bar=None):
         """After every step: history and callback see the whole canvas, the streamer the block's tokens."""
         ws, we = columns
         s, e = window.block
@@ -345,6 +359,8 @@ class FPMGMGenerationMixin(GenerationInputsMixin):
                 if callback is not None:
                     callback(first_step + step, full)
             emitter.draft(win[:, s:e])
+            if bar is not None:
+                bar.update(1)
 
         return on_step
 
