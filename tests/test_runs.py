@@ -179,3 +179,20 @@ def test_a_step_whose_loss_turns_nonfinite_stops_the_run_before_the_update(asset
     for flag, value in (("--lr", "inf"), ("--lr", "0"), ("--clip", "nan"), ("--eval-every", "-1"), ("--out", "")):
         with pytest.raises(ValueError, match=flag):
             train(base_args(assets, tmp_path / "x", **{flag: value}))
+
+
+def test_a_killed_export_leaves_the_old_final_folder_whole(assets, tmp_path):  # noqa: F811
+    from fpmgm_hf.training import export as export_module
+
+    out = tmp_path / "run"
+    train(base_args(assets, out, **{"--max-steps": 2, "--save-every": 2}))
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+
+    def killed(folder):
+        raise KeyboardInterrupt("killed while writing the new final/")
+
+    with mock.patch.object(export_module, "write_manifest", killed), pytest.raises(KeyboardInterrupt):
+        train(base_args(assets, out, **{"--max-steps": 3, "--save-every": 3, "--resume": "latest"}))
+    after = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    assert after == before  # every file of the old export, unchanged: nothing half-deleted
+    assert not [p for p in out.iterdir() if p.name.startswith(".final.")]  # no temporary folder left behind

@@ -340,10 +340,11 @@ def _remove_dead_leftovers(parent: str, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def replace_folder_atomically(target, fill) -> None:
+def replace_folder_atomically(target, fill, carry_over: bool = True) -> None:
     """Run `fill(tmp)` on a new temporary sibling folder of `target`, then swap it into place: a kill at any
-    moment leaves the old folder or the new one, never a mix. Entries of an existing `target` that `fill` did
-    not write and that are not model files are carried over (as hard links)."""
+    moment leaves the old folder or the new one, never a mix. With `carry_over`, entries of an existing `target`
+    that `fill` did not write and that are not model files are carried over (as hard links); without it the new
+    folder is exactly what `fill` wrote (a tool that owns the whole folder)."""
     target = os.path.realpath(os.fspath(target))
     if os.path.exists(target) and not os.path.isdir(target):
         raise CheckpointFolderError(f"{target} is a file; a model is saved into a folder.")
@@ -354,7 +355,7 @@ def replace_folder_atomically(target, fill) -> None:
     try:
         os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) if os.path.isdir(target) else 0o755)
         fill(tmp)
-        if os.path.isdir(target):
+        if carry_over and os.path.isdir(target):
             _carry_over(target, tmp)
         _swap_into_place(tmp, target)
     except BaseException:

@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -390,10 +389,13 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
     `adapter_base` a LoRA student is saved as base weights + adapter whose base is `adapter_base`."""
     if state.is_main_process:
         from ..training.export import save_model
-        from ..validation_fpmgm import write_manifest
+        from ..validation_fpmgm import replace_folder_atomically, write_manifest
 
-        tmp = output.with_name(f"{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        if output.exists() and not overwrite:
+            raise FileExistsError(f"{output} appeared while converting; pass --overwrite to replace it.")
+
+        def fill(tmp: str) -> None:  # the whole folder, then one atomic swap with any old one
+            tmp = Path(tmp)
             save_model(student, str(tmp), keep_adapter=adapter_base is not None, base_name_or_path=adapter_base)
             tokenizer.save_pretrained(str(tmp))
             if card is not None:
@@ -405,18 +407,8 @@ def save_atomic(state, student, tokenizer, output: Path, overwrite: bool, report
                 report["cka_png"] = save_cka_png(cka, tmp / "cka.png")
             (tmp / "conversion.json").write_text(json.dumps(report, indent=2, default=str))
             write_manifest(str(tmp))  # sha256 of every file, verified by from_pretrained
-            if output.exists():
-                if not overwrite:
-                    raise FileExistsError(f"{output} appeared while converting; pass --overwrite to replace it.")
-                old = output.with_name(f"{output.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(output, old)
-                os.replace(tmp, output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        replace_folder_atomically(output, fill, carry_over=False)
     state.wait_for_everyone()
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from typing import Optional
 
 from accelerate.utils import DistributedType
 
 from ..data import TRAINING_DATA_FILE
 from ..hub import push_folder, render_model_card
-from ..validation_fpmgm import write_manifest
+from ..validation_fpmgm import replace_folder_atomically, write_manifest
 from .lora import is_peft, save_with_adapter
 
 CARD_SETTINGS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "ema", "seed",
@@ -86,22 +85,23 @@ def export(trainer, kind: str = "text", card_fields: Optional[dict] = None) -> s
         model = acc.unwrap_model(trainer.model)
         if trainer.ema is not None:
             trainer.ema.swap(model)
-        tmp = path + ".tmp"  # written whole, then renamed: `final/` is never half-written
-        shutil.rmtree(tmp, ignore_errors=True)
         keep = bool(getattr(a, "keep_adapter", False))
-        plain = save_model(model, tmp, keep_adapter=keep,
-                           base_name_or_path=getattr(a, "push_to_hub", None) or os.path.abspath(path),
-                           state_dict=full_state)
-        trainer.tokenizer.save_pretrained(tmp)
-        record = getattr(trainer, "data_record", None)
-        if record is not None:  # how the blocks were framed and which were held out (read by the MDLM converter)
-            with open(os.path.join(tmp, TRAINING_DATA_FILE), "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=1)
-        model_card(trainer, plain, kind, path, adapter=keep,
-                   **(card_fields or {})).save(os.path.join(tmp, "README.md"))
-        write_manifest(tmp)  # now over the tokenizer / VQ files and the card too
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        written = {}
+
+        def fill(tmp: str) -> None:  # the whole folder, then one atomic swap: `final/` is never half-written
+            written["plain"] = save_model(model, tmp, keep_adapter=keep, base_name_or_path=getattr(
+                a, "push_to_hub", None) or os.path.abspath(path), state_dict=full_state)
+            trainer.tokenizer.save_pretrained(tmp)
+            record = getattr(trainer, "data_record", None)
+            if record is not None:  # how the blocks were framed and which were held out (read by the converter)
+                with open(os.path.join(tmp, TRAINING_DATA_FILE), "w", encoding="utf-8") as f:
+                    json.dump(record, f, indent=1)
+            model_card(trainer, written["plain"], kind, path, adapter=keep,
+                       **(card_fields or {})).save(os.path.join(tmp, "README.md"))
+            write_manifest(tmp)  # now over the tokenizer / VQ files and the card too
+
+        replace_folder_atomically(path, fill, carry_over=False)
+        plain = written["plain"]
         if trainer.ema is not None and plain is model:
             trainer.ema.swap(model)
         if getattr(a, "push_to_hub", None):
