@@ -81,10 +81,10 @@ def test_converter_killed_with_sigkill_resumes_bit_identically(assets, tmp_path)
     ckpts = tmp_path / "killed.work" / "distill" / "checkpoints"
     _kill_when(_spawn(cmd, tmp_path, slow=True), lambda: (ckpts / "step_2").is_dir())
     assert not out.exists() and not (ckpts / "step_6").exists()
-    assert (tmp_path / "killed.lock").is_file()  # left by the killed run: stale
+    assert (tmp_path / ".killed.fpmgm.lock").is_file()  # left by the killed run: stale
     proc = _spawn(cmd + ["--resume", "latest"], tmp_path, slow=False)
     assert proc.wait(timeout=300) == 0
-    assert not (tmp_path / "killed.lock").exists()  # taken over, then released
+    assert not (tmp_path / ".killed.fpmgm.lock").exists()  # taken over, then released
     log = read_log(tmp_path / "killed.work" / "distill" / "log.jsonl")
     resumed = [r["step"] for r in log if r.get("event") == "resume"]
     assert len(resumed) == 1 and resumed[0] >= 2

@@ -17,7 +17,7 @@ import pytest
 from reliability_table import expect_error, record
 from test_train import assets, base_args, read_log, run  # noqa: F401 - `assets` is a fixture
 
-from fpmgm_hf.training.runlock import LOCK_NAME, OutputLockedError, run_lock
+from fpmgm_hf.training.runlock import LOCK_NAME, OutputLockedError, folder_lock, folder_lock_path, run_lock
 
 AREA = "locks"
 SRC = Path(__file__).resolve().parents[1] / "src" / "fpmgm_hf" / "training" / "runlock.py"
@@ -79,12 +79,12 @@ def test_disabled_lock_is_a_no_op(tmp_path):
 
 def test_fpmgm_train_refuses_a_folder_in_use(assets, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    with run_lock(out / LOCK_NAME):
+    with folder_lock(out):
         expect_error(AREA, "fpmgm-train --out DIR while another run uses DIR",
                      lambda: run(base_args(assets, out, **{"--max-steps": 1})), OutputLockedError, r"in use")
     assert not (out / "log.jsonl").exists()
     run(base_args(assets, out, **{"--max-steps": 1}))
-    assert not (out / LOCK_NAME).exists()
+    assert not os.path.exists(folder_lock_path(out))
 
 
 def test_image_training_refuses_a_folder_in_use(tmp_path):
@@ -97,7 +97,7 @@ def test_image_training_refuses_a_folder_in_use(tmp_path):
     data = types.SimpleNamespace(train=str(write_grids(tmp_path / "toy_train.npz", n=32)), vq=str(tmp_path / "vq"),
                                  config=str(tmp_path / "tiny.json"))
     out = tmp_path / "img"
-    with run_lock(out / LOCK_NAME):
+    with folder_lock(out):
         expect_error(AREA, "image training --out DIR while another run uses DIR",
                      lambda: run_main(data, out, "--max-steps", "1"), OutputLockedError, r"in use")
     assert not (out / "log.jsonl").exists()
@@ -108,7 +108,7 @@ def test_converter_refuses_an_output_in_use(tmp_path):
 
     out = tmp_path / "fp"
     hub = write_hub_folder(tmp_path / "mdlm", mdlm_state_dict(0))
-    with run_lock(tmp_path / "fp.lock"):
+    with folder_lock(out):
         expect_error(AREA, "conversion/convert.py --output DIR while another conversion writes DIR",
                      lambda: _convert_module().main(["--mdlm", str(hub), "--output", str(out), "--dry-run"]),
                      OutputLockedError, r"in use")
@@ -142,4 +142,30 @@ def test_two_real_training_runs_on_one_folder(assets, tmp_path):  # noqa: F811
         first.wait()
     run(base_args(assets, out, **{"--max-steps": 4, "--resume": "latest"}))
     assert [r["event"] for r in read_log(out) if r.get("event") == "resume"] == ["resume"]
-    assert not (out / LOCK_NAME).exists()
+    assert not os.path.exists(folder_lock_path(out))
+
+
+def test_one_lock_per_output_folder_across_tools(tmp_path):
+    """While one tool writes an output folder, every other tool writing there is refused by name: a training
+    run's lock (in another process) refuses the converter, with --overwrite too, and a sweep."""
+    from conftest import tiny_model
+    from test_mdlm_import import _convert_module, mdlm_state_dict, write_hub_folder
+
+    from fpmgm_hf.evaluation.sweep import main as sweep
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    hub = write_hub_folder(tmp_path / "mdlm", mdlm_state_dict(0))
+    tiny_model().save_pretrained(tmp_path / "model")
+    holder = _holder(Path(folder_lock_path(out)))  # e.g. fpmgm-train --out shared, in another process
+    try:
+        expect_error(AREA, "converter --output DIR --overwrite while fpmgm-train writes DIR",
+                     lambda: _convert_module().main(["--mdlm", str(hub), "--output", str(out), "--overwrite",
+                                                     "--dry-run"]), OutputLockedError, f"{out} is in use")
+        expect_error(AREA, "fpmgm-eval sweep --out DIR while fpmgm-train writes DIR",
+                     lambda: sweep(["sweep", "--model", str(tmp_path / "model"), "--out", str(out)]),
+                     OutputLockedError, f"{out} is in use")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert folder_lock_path(out) == str(tmp_path / ".shared.fpmgm.lock")

@@ -14,7 +14,7 @@ checkpoints in `--work-dir` rotated by `--save-total-limit`, `--resume latest`, 
 JSONL log per stage, validation, early stop; optional consistency term / stage and LoRA) -> save with
 `save_pretrained` (code files + auto_map, generation_config.json) plus the tokenizer, a README.md model card and
 a `conversion.json` report -> optionally push the folder to the Hub. Only the main process writes, into
-`OUTPUT.tmp-*` (with a `checksums.json` manifest), renamed into place at the end; it holds `OUTPUT.lock` for the
+`OUTPUT.tmp-*` (with a `checksums.json` manifest), swapped into place at the end; it holds OUTPUT's folder lock for the
 whole run, so a second conversion to the same output is refused. A Lightning `.ckpt` is read without running
 code from it (`--trust-pickle` to override, unsafe), and a `--tokenizer` folder's own code only runs with
 `--trust-remote-code`.
@@ -417,14 +417,14 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from ..training.runlock import run_lock
+    from ..training.runlock import folder_lock
 
     # Like Accelerator: ACCELERATE_USE_CPU=1 (e.g. under torchrun on CPU) must give a multi-CPU state here too,
     # otherwise every process would see itself as the main process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output)
     # A sibling file: the output folder itself is replaced at the end. One conversion per output at a time.
-    with run_lock(output.with_name(output.name + ".lock"), enabled=state.is_main_process):
+    with folder_lock(output, enabled=state.is_main_process):
         return convert(args, state, output)
 
 

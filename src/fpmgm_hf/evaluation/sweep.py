@@ -325,7 +325,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"--model {path!r} is not a save_pretrained folder (no config.json).")
     check_sweep_args(args)
-    points, lm_info = run_sweep(args)
+    from ..training.runlock import folder_lock
+
+    with folder_lock(args.out):  # one writer per output folder, whichever tool it is
+        points, lm_info = run_sweep(args)
     print(markdown_table(points, lm_info))
     return 0
 

@@ -30,7 +30,7 @@ from ..data import BlockSampler, fingerprint
 from ..validation_fpmgm import MANIFEST_NAME, verify_folder, weight_file_problems, write_manifest
 from . import trainer_state
 from .objectives import consistency_loss, consistency_weight_at, mdlm_nelbo
-from .runlock import LOCK_NAME, run_lock
+from .runlock import folder_lock
 from .tracking import parse_report_to, start_trackers
 
 logger = logging.getLogger(__name__)
@@ -493,10 +493,10 @@ def run_loop(trainer: Trainer) -> None:
 
 @contextmanager
 def output_lock(out: str, accelerator):
-    """Create `out` and hold `out/.fpmgm-run.lock` for the run (main process; the others follow it): a second run
-    on the same folder is refused instead of interleaving logs and overwriting checkpoints."""
+    """Create `out` and hold its folder lock for the run (main process; the others follow it): a second run, or
+    any other tool writing into the same folder, is refused instead of interleaving logs and overwriting files."""
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
-    with run_lock(os.path.join(out, LOCK_NAME), enabled=accelerator.is_main_process):
+    with folder_lock(out, enabled=accelerator.is_main_process):
         yield
 

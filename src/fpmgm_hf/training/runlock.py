@@ -28,6 +28,19 @@ except ImportError:  # pragma: no cover - Windows
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".fpmgm-run.lock"
+_FOLDER_LOCK = ".{}.fpmgm.lock"  # beside the folder, not in it: a folder replaced by an atomic swap keeps its lock
+
+
+def folder_lock_path(folder) -> str:
+    """The one lock file of an output folder that every tool writing there holds (`fpmgm-train --out`, the
+    converter's `--output`, `fpmgm-eval sweep --out`): a hidden sibling `.NAME.fpmgm.lock`."""
+    parent, name = os.path.split(os.path.abspath(os.fspath(folder)).rstrip(os.sep))
+    return os.path.join(parent, _FOLDER_LOCK.format(name))
+
+
+def folder_lock(folder, enabled: bool = True):
+    """`run_lock` on `folder_lock_path(folder)`: one writer per output folder, across tools."""
+    return run_lock(folder_lock_path(folder), enabled)
 
 
 class OutputLockedError(RuntimeError):
@@ -61,9 +74,17 @@ def _describe(info: dict) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}, started {started}: {info.get('command', '?')}"
 
 
+def _locked_folder(path: str) -> str:
+    """The folder a lock file guards: NAME for `.NAME.fpmgm.lock`, else the lock's own folder."""
+    parent, base = os.path.split(path)
+    if base.startswith(".") and base.endswith(".fpmgm.lock"):
+        return os.path.join(parent, base[1:-len(".fpmgm.lock")])
+    return parent or "."
+
+
 def _refuse(path: str, info: dict) -> OutputLockedError:
     return OutputLockedError(
-        f"{os.path.dirname(path) or '.'} is in use by another run ({_describe(info)}); lock file {path}. Wait for "
+        f"{_locked_folder(path)} is in use by another run ({_describe(info)}); lock file {path}. Wait for "
         "that run to finish, or give this one a different output folder. (A lock whose run was killed is taken "
         "over automatically.)")
 
