@@ -12,8 +12,8 @@ manifest; `--save-total-limit` rotates them), exact `--resume` (`latest`: contin
 trackers through Accelerate (`OUT/log.jsonl` always, `--report-to` for tensorboard / wandb / ...), LoRA
 (`--lora-r`, `--keep-adapter`). The export `OUT/final` is a Hub-ready `save_pretrained` folder with the
 tokenizer and a model card; `--push-to-hub REPO_ID` uploads it. One run per `--out`: a second one refuses while
-the first holds OUT's folder lock (`fpmgm_hf.training.runlock.folder_lock`, shared by every tool). On CPU, `accelerate launch --cpu
---num_processes 2` starts a single process unless MPI is installed; use torchrun as above.
+the first holds OUT's folder lock (`fpmgm_hf.training.runlock.folder_lock`, shared by every tool). On CPU,
+`accelerate launch --cpu --num_processes 2` starts a single process unless MPI is installed; use torchrun as above.
 """
 
 from __future__ import annotations
