@@ -110,7 +110,7 @@ RELOAD = textwrap.dedent(
     sys.meta_path.insert(0, _Block())
     from transformers import AutoModel, AutoTokenizer
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], config=model.config)  # the tokenizer needs no code
     length = min(48, model.config.max_position_embeddings)
     seq = model.generate(batch_size=1, seq_len=length, budget=48, generator=torch.Generator().manual_seed(0))
     print(json.dumps({"class": type(model).__module__, "sample": tok.decode(seq[0])}))
