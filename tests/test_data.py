@@ -220,3 +220,22 @@ def test_converter_holds_out_exactly_the_teachers_blocks(corpus, tmp_path):
     convert, args = _converter(corpus, teacher, "--val-fraction", "0.05")
     with pytest.raises(ValueError, match="not the teacher's.*--val-fraction \\(0.2\\)"):
         convert.split_data(args, corpus.tok, 16, _NoAccelerator(), convert.teacher_record(args))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "is empty"),
+    ("binary.txt", b"\x00\x01\x02 some bytes", "NUL bytes"),
+    ("utf16.txt", "to be or not to be".encode("utf-16"), "UTF-16"),
+    ("latin1.txt", "caf\xe9 au lait\n\nna\xefve".encode("latin-1"), "not UTF-8"),
+    ("cut.txt", "all is well, ".encode() + "é".encode()[:1], "ends inside a UTF-8 character"),
+    ("cut.jsonl", b'{"text": "one"}\n{"text": "tw', "line 2: not a JSON record"),
+    ("list.json", b'["a", "b"]', "record 0 is a str"),
+    ("scalar.jsonl", b'{"text": "one"}\n42\n', "line 2: a int"),
+])
+def test_bad_data_files_are_refused_by_name(tmp_path, name, content, message):
+    from fpmgm_hf.data import load_documents
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"--data .*{name}.*{message}"):
+        load_documents(str(path), cache_dir=str(tmp_path / "cache"))

@@ -196,3 +196,24 @@ def test_a_killed_export_leaves_the_old_final_folder_whole(assets, tmp_path):  #
     after = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
     assert after == before  # every file of the old export, unchanged: nothing half-deleted
     assert not [p for p in out.iterdir() if p.name.startswith(".final.")]  # no temporary folder left behind
+
+
+def test_cli_values_are_refused_by_flag(assets, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4, "hiden_size": 64}))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for extra, match in (({"--config": str(bad)}, "bad.json is not a readable JSON"),
+                         ({"--config": str(typo)}, r"unknown FPMGMConfig field\(s\) \['hiden_size'\]"),
+                         ({"--config": str(listed)}, "JSON object"),
+                         ({"--seed": str(2**70)}, "--seed"), ({"--eps": "2"}, "--eps")):
+        with pytest.raises(ValueError, match=match):
+            train(base_args(assets, tmp_path / "x", **extra))
+    from test_mdlm_import import _convert_module
+
+    for flag, value in (("--verify-repeats", "0"), ("--steps", "-1"), ("--tau", "0"), ("--kl-weight", "nan"),
+                        ("--gap", "0.5 0.2"), ("--lr", "inf")):
+        with pytest.raises(ValueError, match=flag):
+            _convert_module().main(["--mdlm", "x", "--output", str(tmp_path / "c"), flag, *value.split()])

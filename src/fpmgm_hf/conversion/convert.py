@@ -428,6 +428,32 @@ def main(argv=None) -> int:
         return convert(args, state, output)
 
 
+def check_convert_numbers(args) -> None:
+    """The converter's numeric flags, each refusal naming its flag and the valid range."""
+    import math
+
+    ints = {"steps": 0, "consistency_steps": 0, "batch_size": 1, "verify_batch": 1, "verify_repeats": 1,
+            "sample_length": 1, "sample_steps": 1, "val_blocks": 1, "eval_batches": 0, "save_every": 0,
+            "eval_every": 0, "kl_warmup": 0, "consistency_warmup": 0, "warmup_steps": 0, "cka_batch": 1,
+            "log_every": 0}
+    for name, low in ints.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}.")
+    floats = {"lr": (0, False), "tau": (0, False), "kl_weight": (0, True), "clip": (0, True),
+              "consistency_weight": (0, True)}
+    for name, (low, inclusive) in floats.items():
+        v = getattr(args, name)
+        if not (math.isfinite(v) and (v >= low if inclusive else v > low)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} "
+                             f"{low}, got {v}.")
+    for name in ("gap", "consistency_gap"):
+        lo, hi = getattr(args, name)
+        if not (0 <= lo <= hi < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be LO HI with 0 <= LO <= HI < 1, got {lo} {hi}.")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}.")
+
+
 def convert(args, state, output: Path) -> int:
     from ..training.loop import check_rotation_and_adapter_args
     from .layer_mapping import map_layers
@@ -440,6 +466,7 @@ def convert(args, state, output: Path) -> int:
     if args.consistency_steps > 0 and args.consistency_weight <= 0:
         raise ValueError("--consistency-steps needs --consistency-weight > 0.")
     check_rotation_and_adapter_args(args)
+    check_convert_numbers(args)
     if not 0 <= args.hidden_weight < float("inf"):
         raise ValueError(f"--hidden-weight must be a finite number >= 0, got {args.hidden_weight}.")
     if args.hidden_weight > 0 and num_post == 0:

@@ -21,6 +21,7 @@ The rules (docs/data.md):
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 from typing import Optional
@@ -76,7 +77,71 @@ def _local_kind(paths: list[str]) -> str:
     kinds = {"json" if p.endswith(JSON_SUFFIXES) else "text" for p in paths}
     if len(kinds) > 1:
         raise ValueError(f"--data mixes text and JSON (.json/.jsonl) files ({paths}); give one kind at a time.")
-    return kinds.pop()
+    kind = kinds.pop()
+    for path in paths:
+        check_text_file(path)
+        if kind == "json":
+            _check_json_records(path)
+    return kind
+
+
+def check_text_file(path: str) -> None:
+    """A `--data` file must be non-empty UTF-8 text: an empty, binary, UTF-16 or otherwise mis-encoded file is
+    refused naming it and what to do, instead of failing deep inside `datasets`. Reads the file once, in chunks."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--data {path!r} is empty.")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"--data {path!r} is UTF-16 (it starts with a byte-order mark); re-encode it as UTF-8, "
+                         f"e.g. iconv -f UTF-16 -t UTF-8.")
+    if b"\x00" in head:
+        raise ValueError(f"--data {path!r} is not text: it holds NUL bytes (a binary file?).")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--data {path!r} is not UTF-8 (byte {offset + err.start}: {err.reason}); "
+                                 "re-encode it, e.g. iconv -f latin1 -t UTF-8.") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"--data {path!r} ends inside a UTF-8 character (a truncated file?).") from None
+
+
+def _check_json_records(path: str) -> None:
+    """Every record of a .json (an array) or .jsonl (a line each) file must be a JSON object."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        first = f.read(4096).lstrip()[:1]
+    if first == "[":
+        with open(path, encoding="utf-8") as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--data {path!r}: not valid JSON ({err}).") from None
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"--data {path!r}: record {bad} is a {type(records[bad]).__name__}, not an object "
+                             "with a text field.")
+        return
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--data {path!r}, line {number}: not a JSON record ({err.msg}; a truncated "
+                                 "file?).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"--data {path!r}, line {number}: a {type(record).__name__}, not an object with a "
+                                 "text field.")
 
 
 def _raw_documents(spec: str, *, split: str, config: Optional[str], streaming: bool, cache_dir: Optional[str]):

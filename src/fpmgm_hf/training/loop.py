@@ -106,6 +106,11 @@ def check_loop_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}.")
     if not str(args.out).strip():
         raise ValueError("--out must name a folder, got an empty string.")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}.")
+    eps = getattr(args, "eps", None)
+    if eps is not None and not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"--eps must be in (0, 1) (the schedule's epsilon, e.g. 1e-3), got {eps}.")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema must be in (0, 1), got {args.ema}.")
     check_rotation_and_adapter_args(args)

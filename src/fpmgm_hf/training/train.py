@@ -123,6 +123,29 @@ def check_vocab(config, tokenizer, source: str) -> None:
             raise ValueError(f"{source} has {key}={getattr(config, key)} but the tokenizer has {key}={value}.")
 
 
+def read_config_fields(flag: str, path: str) -> dict:
+    """The FPMGMConfig fields of a `--config` JSON file; unreadable JSON and unknown (e.g. misspelled) fields are
+    refused naming the file and the fields."""
+    import inspect
+
+    from .. import FPMGMConfig
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {flag}: {path} is not a readable JSON file ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {flag}: {path} must hold a JSON object of config fields, not a "
+                         f"{type(data).__name__}.")
+    fields = {k: v for k, v in data.items() if not k.startswith("_")}
+    known = set(inspect.signature(FPMGMConfig.__init__).parameters) | set(FPMGMConfig().to_dict())
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--config {flag}: unknown FPMGMConfig field(s) {unknown} in {path} (misspelled?).")
+    return fields
+
+
 def build_model(args, tokenizer):
     from .. import FPMGMConfig, FPMGMForMaskedGeneration
 
@@ -133,8 +156,7 @@ def build_model(args, tokenizer):
     vocab = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
     if args.config:
         path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
-        with open(path) as f:
-            fields = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        fields = read_config_fields(args.config, path)
         for key, value in vocab.items():
             if key in fields and fields[key] != value:
                 raise ValueError(
