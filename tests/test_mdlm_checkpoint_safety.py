@@ -161,3 +161,27 @@ def _bad_entry_cases(ckpts, tmp_path):
 def test_every_bad_file_or_entry_gets_a_named_error(ckpts, tmp_path):
     for case, path, match in _bad_entry_cases(ckpts, tmp_path):
         expect_error("importer", case, lambda p=path: load_mdlm_checkpoint(p), MDLMCheckpointError, match)
+
+
+def test_config_reader_is_bounded_on_shared_cyclic_and_deep_hyper_parameters():
+    import time
+
+    from fpmgm_hf.conversion.checkpoint_pickle import MAX_CONFIG_DEPTH, to_plain
+
+    shared = [1]
+    for _ in range(40):  # 2^40 items if expanded naively
+        shared = [shared, shared]
+    t0 = time.perf_counter()
+    to_plain({"model": shared})
+    assert time.perf_counter() - t0 < 1.0
+    cycle = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="refers to itself"):
+        to_plain({"model": cycle})
+    deep = 1
+    for _ in range(MAX_CONFIG_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(ValueError, match="deeper than"):
+        to_plain(deep)
+    assert to_plain({"model": {"hidden_size": 768, "pairs": [[1, 2], (3, 4)]}}) == {
+        "model": {"hidden_size": 768, "pairs": [[1, 2], [3, 4]]}}

@@ -116,6 +116,7 @@ def test_eval_sweep_runs_no_code_from_the_model_folder(tmp_path):
     record(AREA, "fpmgm-eval sweep --model DIR with planted modeling code", "not run: fpmgm_hf's own model class")
     tok_marker = tmp_path / "TOKENIZER_CODE_RAN"
     plant_tokenizer_code(folder, tok_marker)
+    write_manifest(str(folder))  # a consistent folder (else the edited tokenizer_config.json is refused first)
     expect_error(AREA, "fpmgm-eval sweep --model DIR whose tokenizer auto_map points at planted code",
                  lambda: eval_main(argv[:-1] + [str(tmp_path / "sweep2")]), ValueError, r"--trust-remote-code")
     assert not tok_marker.exists() and not marker.exists()

@@ -142,19 +142,58 @@ def load_checkpoint(path, trust_pickle: bool = False):
         raise
 
 
+MAX_CONFIG_DEPTH = 64  # a real MDLM config nests 3-4 levels
+MAX_CONFIG_NODES = 100_000  # a real one has a few hundred entries
+
+
 def to_plain(obj):
-    """Config stand-ins (and real OmegaConf containers, after a trusted load) -> plain dicts / lists / values."""
-    if isinstance(obj, _Container):
-        return to_plain(obj.state.get("_content") if isinstance(obj.state, dict) else None)
-    if isinstance(obj, _Node):
-        return obj.state.get("_val") if isinstance(obj.state, dict) else None
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if hasattr(obj, "items") and callable(obj.items):  # omegaconf.DictConfig from a trusted load
+    """Config stand-ins (and real OmegaConf containers, after a trusted load) -> plain dicts / lists / values.
+
+    A pickle can share one container many times (a list holding itself twice, forty levels deep, expands to 2^40
+    items) or refer to itself: shared parts are converted once and reused, a cycle or a config nested deeper than
+    `MAX_CONFIG_DEPTH` or larger than `MAX_CONFIG_NODES` entries raises `ValueError` instead of hanging."""
+    return _Plainer().convert(obj, 0)
+
+
+class _Plainer:
+    def __init__(self):
+        self.done: dict[int, object] = {}
+        self.open: set[int] = set()
+        self.nodes = 0
+
+    def convert(self, obj, depth: int):
+        key = id(obj)
+        if key in self.done:
+            return self.done[key]
+        if key in self.open:
+            raise ValueError("the config refers to itself (a cycle)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"the config nests deeper than {MAX_CONFIG_DEPTH} levels")
+        self.nodes += 1
+        if self.nodes > MAX_CONFIG_NODES:
+            raise ValueError(f"the config holds more than {MAX_CONFIG_NODES} entries")
+        self.open.add(key)
         try:
-            return {k: to_plain(v) for k, v in obj.items()}
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation: keep the object as is
-            return obj
-    return obj
+            out = self._convert(obj, depth + 1)
+        finally:
+            self.open.discard(key)
+        self.done[key] = out
+        return out
+
+    def _convert(self, obj, depth: int):
+        if isinstance(obj, _Container):
+            return self.convert(obj.state.get("_content") if isinstance(obj.state, dict) else None, depth)
+        if isinstance(obj, _Node):
+            return obj.state.get("_val") if isinstance(obj.state, dict) else None
+        if isinstance(obj, dict):
+            return {k: self.convert(v, depth) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.convert(v, depth) for v in obj]
+        if hasattr(obj, "items") and callable(obj.items):  # omegaconf.DictConfig from a trusted load
+            try:
+                return {k: self.convert(v, depth) for k, v in obj.items()}
+            except ValueError:
+                raise
+            except Exception:  # noqa: BLE001 - an unresolvable interpolation: keep the object as is
+                return obj
+        return obj

@@ -327,7 +327,10 @@ def _lightning_config(path: Path, ckpt: dict) -> dict:
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams, Mapping):
         raise MDLMCheckpointError(f"{path}: `hyper_parameters` is a {type(hparams).__name__}, not a mapping.")
-    cfg = to_plain(hparams.get("config") or {})
+    try:
+        cfg = to_plain(hparams.get("config") or {})
+    except ValueError as err:
+        raise MDLMCheckpointError(f"{path}: `hyper_parameters.config` refused: {err}.") from None
     if not isinstance(cfg, dict):
         raise MDLMCheckpointError(f"{path}: `hyper_parameters.config` is a {type(cfg).__name__}, not a mapping.")
     return cfg
