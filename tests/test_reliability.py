@@ -123,6 +123,7 @@ def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp
 @pytest.mark.parametrize("cut", ["half", "header"])
 def test_truncated_model_safetensors_names_the_file(tmp_path, cut):
     from fpmgm_hf import FPMGMForMaskedGeneration
+    from fpmgm_hf.validation_fpmgm import CheckpointFolderError
 
     save = tmp_path / "m"
     tiny_model().save_pretrained(save)
@@ -322,3 +323,53 @@ def test_an_edited_tokenizer_or_config_is_refused_on_every_load_path(tmp_path):
     (folder / "config.json").write_text(config.replace('"dropout": 0.0', '"dropout": 0.5'))
     with pytest.raises(LoadError, match="config.json"):
         load_model(str(folder))  # the demo no longer passes its own config= around the check
+
+
+def test_readers_during_concurrent_saves_get_one_save_never_a_mix(tmp_path):
+    """A writer process saves model A and model B into one folder in turn; every load in this process returns the
+    weights and the generation config of the same save (or, against a writer that never pauses, refuses)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from fpmgm_hf import FPMGMForMaskedGeneration
+
+    folder = tmp_path / "m"
+    writer = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import tiny_model
+        models = []
+        for tag in (11, 22):
+            m = tiny_model(seed=tag)
+            with torch.no_grad():
+                m.model.embed_tokens.weight[0, 0] = tag  # the save's tag, in the weights
+            m.generation_config.budget = tag  # and in the generation config
+            models.append(m)
+        models[0].save_pretrained({str(folder)!r})
+        print("ready", flush=True)
+        end = time.time() + 30
+        while time.time() < end:
+            for m in models:
+                m.save_pretrained({str(folder)!r})
+                time.sleep(0.05)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        seen, refused, t0 = [], 0, time.monotonic()
+        while len(seen) < 40 and time.monotonic() - t0 < 60 and proc.poll() is None:
+            try:
+                model = FPMGMForMaskedGeneration.from_pretrained(folder)
+            except CheckpointFolderError as err:
+                assert "replaced" in str(err)
+                refused += 1
+                continue
+            seen.append((int(model.model.embed_tokens.weight[0, 0]), model.generation_config.budget))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(seen) >= 10 and all(w == g for w, g in seen), seen  # never A's weights with B's config
+    assert {w for w, _ in seen} <= {11, 22}

@@ -462,6 +462,19 @@ def nonfinite_tensors(model) -> list[str]:
             if not t.is_meta and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+SNAPSHOT_ATTEMPTS = 20
+
+
+def _folder_identity(folder: str) -> tuple:
+    """What changes when a save swaps a new folder in under this path: the directory's inode, and its manifest's."""
+    manifest = os.path.join(folder, MANIFEST_NAME)
+    try:
+        m = os.stat(manifest)
+        return os.stat(folder).st_ino, m.st_ino, m.st_mtime_ns
+    except FileNotFoundError:
+        return os.stat(folder).st_ino, None, None
+
+
 class CheckedWeightsMixin:
     """Put before `PreTrainedModel`: all-or-nothing `save_pretrained` / `from_pretrained` (module docstring).
     `from_pretrained(..., ignore_mismatched_sizes=True)` still re-initialises mismatched tensors on request."""
@@ -489,7 +502,27 @@ class CheckedWeightsMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_nonfinite: bool = False, **kwargs):
         """As transformers', with the checks in the module docstring; weights holding NaN or inf are refused, naming
-        the tensors, unless `allow_nonfinite=True` (e.g. to inspect a diverged run)."""
+        the tensors, unless `allow_nonfinite=True` (e.g. to inspect a diverged run). A local folder replaced by a
+        concurrent save while it was read (its directory is another one afterwards) is read again, so the weights,
+        config and generation config always come from one save."""
+        folder = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        if folder is None or not os.path.isdir(folder):
+            return cls._checked_load(pretrained_model_name_or_path, args, allow_nonfinite, kwargs)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            before = _folder_identity(folder)
+            try:
+                result = cls._checked_load(pretrained_model_name_or_path, args, allow_nonfinite, dict(kwargs))
+            except (OSError, ValueError):
+                if _folder_identity(folder) != before:
+                    continue  # a file vanished or mixed two saves: the folder was swapped under us
+                raise
+            if _folder_identity(folder) == before:
+                return result
+        raise CheckpointFolderError(f"{folder} was replaced {SNAPSHOT_ATTEMPTS} times while being read (another "
+                                    "process keeps saving into it); load it when the writer is done.")
+
+    @classmethod
+    def _checked_load(cls, pretrained_model_name_or_path, args, allow_nonfinite: bool, kwargs: dict):
         if pretrained_model_name_or_path is not None and not kwargs.get("gguf_file"):
             check_model_files(cls.__name__, pretrained_model_name_or_path, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
