@@ -123,7 +123,6 @@ def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp
 @pytest.mark.parametrize("cut", ["half", "header"])
 def test_truncated_model_safetensors_names_the_file(tmp_path, cut):
     from fpmgm_hf import FPMGMForMaskedGeneration
-    from fpmgm_hf.validation_fpmgm import CheckpointFolderError
 
     save = tmp_path / "m"
     tiny_model().save_pretrained(save)
