@@ -1,7 +1,7 @@
-"""The main job in one command: train a small character-level MDLM on Shakespeare, convert it into a CoFRe
-FP-MDLM with `accelerate launch conversion/convert.py` (distillation, then the consistency stage), sample both
-at equal compute budgets (3SR for the FP model), score the samples with the evaluation LM (95% bootstrap
-intervals), and write everything to `outputs/demo/`.
+"""The main job in one command: train a small character-level MDLM on Shakespeare, convert it into an FP-MDLM
+with `accelerate launch conversion/convert.py` (the layers chosen by `--map auto`, the recipe of `--recipe`), sample
+both at equal compute budgets (3SR for the FP model), score the samples with two evaluation LMs (an in-domain
+character LM trained here, and a general LM) with 95% bootstrap intervals, and write everything to `outputs/demo/`.
 
     bash scripts/demo.sh                         # set-up + this script (about 15-20 minutes on 2 idle CPU cores)
     .venv/bin/python examples/demo.py --out outputs/demo --steps 1200
@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+RECIPE = ""  # the recipe bench/convert_study.py picked (docs/conversion): extra converter flags
 
 
 def teacher_config(args) -> dict:
@@ -78,25 +79,33 @@ def train_teacher(out: Path, args) -> None:
 def convert(out: Path, args) -> None:
     steps = args.convert_steps
     cmd = [str(Path(PY).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu", "conversion/convert.py",
-           "--mdlm", str(out / "mdlm" / "final"), "--map", "1,3,6", "--layers", "1/1/1",
-           "--tokenizer", str(out / "tokenizer"), "--data", args.data, "--seq-len", str(args.seq_len),
-           "--steps", str(steps), "--batch-size", str(args.batch_size), "--lr", "1e-3",
-           "--kl-warmup", str(max(1, steps // 5)), "--consistency-weight", "0.1",
-           "--consistency-steps", str(args.consistency_steps),
-           "--consistency-warmup", str(max(1, args.consistency_steps // 5)),
-           "--save-every", str(min(100, args.save_every)),
+           "--mdlm", str(out / "mdlm" / "final"), "--layers", "1/1/1",  # --map auto; framing and split: the teacher's
+           "--data", args.data, "--seq-len", str(args.seq_len), "--steps", str(steps),
+           "--batch-size", str(args.batch_size), "--kl-warmup", str(max(1, steps // 5)),
+           "--consistency-warmup", str(max(1, steps // 5)), "--save-every", str(min(100, args.save_every)),
            "--eval-every", str(min(500, max(1, steps))), "--seed", str(args.seed), "--output", str(out / "fp-mdlm"),
-           "--work-dir", str(out / "convert-work"), "--resume", "latest"]
-    stage("convert to CoFRe FP-MDLM", out, (out / "fp-mdlm" / "config.json").exists(), cmd)
+           "--work-dir", str(out / "convert-work"), "--resume", "latest", *args.recipe.split()]
+    stage("convert to FP-MDLM", out, (out / "fp-mdlm" / "config.json").exists(), cmd)
+
+
+def char_lm(out: Path, args) -> None:
+    """The in-domain evaluator: a small GPT-2 on the same characters and training blocks (fpmgm-eval train-lm)."""
+    cmd = [PY, "-m", "fpmgm_hf.evaluation", "train-lm", "--data", args.data, "--tokenizer", str(out / "tokenizer"),
+           "--out", str(out / "char-lm"), "--seq-len", str(args.seq_len), "--max-steps", str(args.lm_steps),
+           "--eval-every", str(max(50, args.lm_steps // 4)), "--save-every", str(max(50, args.lm_steps // 4)),
+           "--seed", str(args.seed), "--resume"]
+    log = out / "char-lm" / "log.jsonl"
+    last = max((json.loads(line)["step"] for line in log.read_text().splitlines()), default=0) if log.is_file() else 0
+    stage("train the in-domain evaluator (character LM)", out, last >= args.lm_steps, cmd)
 
 
 def sweep(out: Path, args) -> None:
     cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", str(out / "mdlm" / "final"), str(out / "fp-mdlm"),
-           "--names", "MDLM (6 layers)", "CoFRe FP-MDLM (1/1/1)", "--budgets", *map(str, args.budgets),
+           "--names", "MDLM (6 layers)", "converted FP-MDLM (1/1/1)", "--budgets", *map(str, args.budgets),
            "--reuse", "none", "3sr", "--num-samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--pilot-samples", str(max(2, args.samples // 4)), "--fp-iters", "1", "2", "4",
-           "--batch-size", str(args.samples), "--eval-lm", args.eval_lm, "--seed", str(args.seed),
-           "--out", str(out / "sweep")]
+           "--batch-size", str(args.samples), "--eval-lm", str(out / "char-lm" / "final"), args.eval_lm,
+           "--eval-lm-names", "in-domain char LM", "general LM", "--seed", str(args.seed), "--out", str(out / "sweep")]
     stage("sample and score", out, (out / "sweep" / "results.json").exists(), cmd)
 
 
@@ -141,7 +150,8 @@ def report(out: Path, args) -> str:
         sys.exit(f"[demo] the converted model did not reload through remote code:\n{proc.stderr[-2000:]}")
     reload = json.loads(proc.stdout.strip().splitlines()[-1])
     results = json.loads((out / "sweep" / "results.json").read_text())
-    lm = next(iter(results["eval_lm"].values()), {})
+    evaluators = "; ".join(f"{label}: `{Path(str(info.get('name'))).name}` (comparable to published numbers: "
+                           f"{info.get('comparable_to_published')})" for label, info in results["eval_lm"].items())
     table = (out / "sweep" / "results.md").read_text()
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
     if (out / "sweep" / "quality_vs_budget.png").exists():
@@ -149,12 +159,13 @@ def report(out: Path, args) -> str:
     lines = [
         "# fpmgm_hf demo report", "",
         f"A 6-layer MDLM trained on {args.data} ({args.tokenizer} tokenizer), converted into a 1/1/1 FP-MDLM "
-        "(distillation, then the consistency stage: CoFRe) and sampled at equal compute budgets "
-        "(transformer-block passes per sample).", "",
+        f"(`--map auto`, recipe `{args.recipe or 'KL distillation'}`, {args.convert_steps} steps) and sampled "
+        "at equal compute budgets (transformer-block passes per sample). Two evaluators score the same samples: "
+        "an in-domain character LM trained on the same text (the primary one: it knows what Shakespeare looks "
+        "like at this scale) and a general LM.", "",
         table, "![quality vs budget](quality_vs_budget.png)", "",
-        f"Evaluation LM: `{lm.get('name')}` (comparable to published numbers: "
-        f"{lm.get('comparable_to_published')}); {args.samples} samples of {args.seq_len} tokens per point, "
-        f"seed {args.seed}, float64 sampling; intervals are 95% bootstrap intervals over samples.", "",
+        f"Evaluators ({len(results['eval_lm'])}): {evaluators}. {args.samples} samples of {args.seq_len} tokens per "
+        f"point, seed {args.seed}, float64 sampling; intervals are 95% bootstrap intervals over samples.", "",
         *samples_section(out),
         "## What ran", "", "| stage | seconds |", "|---|---|",
         *[f"| {s['stage']} | {s['seconds']} |" for s in stages], "",
@@ -179,8 +190,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="blocks per training / conversion step")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint interval of the MDLM training")
     p.add_argument("--steps", type=int, default=1200, help="MDLM training steps")
-    p.add_argument("--convert-steps", type=int, default=400, help="conversion (distillation) steps")
-    p.add_argument("--consistency-steps", type=int, default=200, help="consistency-stage steps after conversion")
+    p.add_argument("--convert-steps", type=int, default=120, help="conversion steps (10%% of the teacher's)")
+    p.add_argument("--recipe", default=RECIPE, help="extra converter flags: the conversion recipe (docs/conversion)")
+    p.add_argument("--lm-steps", type=int, default=600, help="training steps of the in-domain evaluator")
     p.add_argument("--budgets", type=int, nargs="+", default=[24, 48, 96], help="block-pass budgets")
     p.add_argument("--samples", type=int, default=64, help="samples per budget and setting")
     p.add_argument("--eval-lm", default="gpt2-large", help="evaluation LM (offline: SmolLM2 fallback, labelled)")
@@ -191,6 +203,7 @@ def main(argv=None):
     t0 = time.time()
     tokenizer(out, args)
     train_teacher(out, args)
+    char_lm(out, args)
     convert(out, args)
     sweep(out, args)
     table = report(out, args)

@@ -98,7 +98,7 @@ def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp
     out = tmp_path / "demo"
     cmd = [sys.executable, "examples/demo.py", "--out", str(out), "--data", str(assets["data"]),
            "--hidden-size", "32", "--seq-len", "16", "--batch-size", "2", "--steps", "12", "--save-every", "3",
-           "--convert-steps", "2", "--consistency-steps", "2", "--budgets", "12", "--samples", "2",
+           "--convert-steps", "2", "--lm-steps", "4", "--budgets", "12", "--samples", "2",
            "--eval-lm", str(tiny_lm(tmp_path / "lm"))]
     ckpts = out / "mdlm" / "checkpoints"
     _kill_when(_spawn(cmd, tmp_path, slow=True), lambda: (ckpts / "step_3").is_dir())
@@ -111,12 +111,13 @@ def test_demo_killed_with_sigkill_resumes_and_then_reuses_everything(assets, tmp
     steps = [r["step"] for r in log if "loss" in r]
     assert max(steps) == 12 and set(range(1, 13)) <= set(steps)
     report = (out / "report.md").read_text()
-    assert "| MDLM (6 layers) |" in report and "CoFRe FP-MDLM (1/1/1)" in report
+    assert "| MDLM (6 layers) |" in report and "converted FP-MDLM (1/1/1)" in report
+    assert "in-domain char LM" in report and "general LM" in report  # both evaluators score the same samples
     assert (out / "fp-mdlm" / "README.md").is_file() and (out / "fp-mdlm" / "config.json").is_file()
     stamp = (out / "fp-mdlm" / "model.safetensors").stat().st_mtime_ns
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stdout.count("already done, reusing it") == 4  # tokenizer, training, conversion, sweep
+    assert rerun.stdout.count("already done, reusing it") == 5  # tokenizer, MDLM, char LM, conversion, sweep
     assert (out / "fp-mdlm" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
