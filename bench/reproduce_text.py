@@ -8,6 +8,9 @@ Stages (a finished stage is skipped; training stages resume from their last chec
   tokenizer  character-level tokenizer (every corpus symbol + [UNK], <|endoftext|>, [MASK])
   train      MDLM (--mdlm-layers explicit blocks), its shallow twin (3 explicit blocks, as many distinct blocks as
              FP-MDLM 1/1/1) and FP-MDLM 1/1/1 at the same width, steps and batch, on --workers slots
+  study      bench/convert_study.py on the trained MDLM: conversion recipes at --conv-steps steps each
+             (docs/conversion); the one closest to the teacher after fine-tuning (held-out NELBO at 8 iterations) is
+             the conversion row's recipe unless --conv-recipe is given
   post       the in-domain evaluator (a GPT-2-style character LM on the same training blocks); the consistency
              stage on FP-MDLM (lambda 0.1, stopped at a 15% validation-PPL rise) = CoFRe; the same stage run 3x
              longer without the stop rule (entropy collapse); the MDLM converted with
@@ -41,6 +44,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--out", default="outputs/repro", help="output folder (re-runs resume)")
     a("--docs", default="docs/reproduction", help="where the published report goes ('' = nowhere)")
+    a("--conversion-docs", default="docs/conversion", help="where the conversion study's report goes ('' = nowhere)")
     a("--hidden", type=int, default=128, help="width of every masked model")
     a("--heads", type=int, default=4, help="attention heads")
     a("--mdlm-layers", type=int, default=12, help="explicit blocks of the MDLM baseline (the paper's MDLM-12)")
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     a("--lr", type=float, default=1e-3, help="peak learning rate of MDLM and FP-MDLM")
     a("--cons-steps", type=int, default=600, help="consistency-stage steps (CoFRe)")
     a("--conv-steps", type=int, default=500, help="conversion fine-tuning steps (10%% of the teacher's)")
-    a("--conv-recipe", default="",
+    a("--conv-recipe", default=None,
       help="extra converter flags of the conversion row (the recipe bench/convert_study.py picked), e.g. "
            "'--hidden-weight 1.0'")
     a("--lm-steps", type=int, default=2500, help="training steps of the character-level evaluation LM")
@@ -65,7 +69,7 @@ def parse_args(argv=None):
     a("--fp-tol", type=float, default=1e-3, help="tolerance of the adaptive-stopping rows")
     a("--eval-lm", default="gpt2-large", help="the general evaluation LM (offline: the SmolLM2 fallback)")
     a("--seed", type=int, default=0, help="seed of every stage")
-    a("--only", choices=["tokenizer", "train", "post", "nelbo", "contract", "sweep", "depth", "report"],
+    a("--only", choices=["tokenizer", "train", "study", "post", "nelbo", "contract", "sweep", "depth", "report"],
       help="run one stage")
     return p.parse_args(argv)
 
@@ -173,6 +177,34 @@ def cons_cmd(args, out, name: str, steps: int, stop: bool) -> list:
     return train_cmd(args, out, name, steps, init_from=out / "fp" / "final", extra=extra)
 
 
+def stage_study(args, out):
+    """The conversion recipe study on the trained MDLM (two row sets side by side), then its report and choice."""
+    import convert_study
+
+    choice = out / "study_choice.json"
+    if choice.is_file() or not done(out / "mdlm" / "final"):
+        return
+    common = [PY, str(ROOT / "bench" / "convert_study.py"), "--teacher", out / "mdlm" / "final",
+              "--out", out / "convert-study", "--steps", args.conv_steps, "--batch", args.batch, "--seed", args.seed]
+    rows = list(convert_study.ROWS)
+    halves = [rows[: (len(rows) + 1) // 2], rows[(len(rows) + 1) // 2:]]
+    parallel([(f"study-{i}", common + ["--docs", "", "--rows", *half]) for i, half in enumerate(halves) if half],
+             out, workers=args.workers)
+    run(common + ["--docs", args.conversion_docs], out, "study-report", 1)
+    results = [json.loads((out / "convert-study" / f"{r}.json").read_text()) for r in rows]
+    best = min(results, key=lambda r: r["after"]["nelbo"]["8"])
+    mapping, extra, _ = convert_study.ROWS[best["row"]]
+    choice.write_text(json.dumps({"row": best["row"], "recipe": " ".join(["--map", mapping, *extra])}, indent=1))
+
+
+def conv_recipe(args, out) -> str:
+    """--conv-recipe, else the study's choice, else KL distillation with --map auto."""
+    if args.conv_recipe is not None:
+        return args.conv_recipe
+    choice = out / "study_choice.json"
+    return json.loads(choice.read_text())["recipe"] if choice.is_file() else ""
+
+
 def conv_cmd(args, out) -> list:
     """The MDLM converted by the documented path (`--map auto`, the teacher's framing and held-out split, read from
     its training_data.json) with the recipe `--conv-recipe`, for --conv-steps fine-tuning steps."""
@@ -181,7 +213,7 @@ def conv_cmd(args, out) -> list:
             "--steps", args.conv_steps, "--batch-size", args.batch, "--kl-warmup", max(1, args.conv_steps // 5),
             "--consistency-warmup", max(1, args.conv_steps // 5), "--eval-every", max(50, args.conv_steps // 10),
             "--save-every", max(50, args.conv_steps // 10), "--seed", args.seed, "--output", out / "conv",
-            "--work-dir", out / "conv-work", "--resume", "latest", *args.conv_recipe.split()]
+            "--work-dir", out / "conv-work", "--resume", "latest", *conv_recipe(args, out).split()]
 
 
 def stage_post(args, out):
@@ -319,7 +351,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "post": stage_post, "nelbo": stage_nelbo,
+    stages = {"tokenizer": stage_tokenizer, "train": stage_train, "study": stage_study, "post": stage_post,
+              "nelbo": stage_nelbo,
               "contract": stage_contract, "sweep": stage_sweep, "depth": stage_depth, "report": stage_report}
     t0 = time.time()
     for name, fn in stages.items():
