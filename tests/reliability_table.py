@@ -30,7 +30,8 @@ def short(message: str, limit: int = 220) -> str:
     """The first two lines of an error message (the second usually names the tensor or file), tmp paths
     shortened, at most `limit` characters."""
     lines = [line.strip() for line in str(message).strip().splitlines()[:2]]
-    text = _TMP.sub(".../", " ".join(lines))
+    text = _TMP.sub(".../", " ".join(lines)).replace(str(REPO) + "/", "")  # no machine paths in the table
+    text = re.sub(r"\S*/site-packages/", "", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
