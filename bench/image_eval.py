@@ -60,6 +60,10 @@ def parse_args(argv=None):
     a("--cofre-steps", type=int, default=400)
     a("--budgets", type=int, nargs="+", default=[48, 96, 192, 384])
     a("--reuse", nargs="+", default=["none", "3sr"])
+    a("--none-budgets", type=int, nargs="+", default=None,
+      help="budgets of the fixed-point models' reuse=none rows (default: all of --budgets); the no-reuse baseline "
+           "is where 3SR is compared, the low budgets where it matters")
+    a("--cofre-reuse", nargs="+", default=None, help="reuse modes of the CoFRe rows (default: --reuse)")
     a("--num-images", type=int, default=2000, help="samples per point (class-balanced)")
     a("--guidance", type=float, default=2.0)
     a("--seed", type=int, default=0)
@@ -235,6 +239,16 @@ def generate(model, vq, n: int, budget: int, reuse: str, guidance: float, seed: 
     return images, labels.numpy(), time.perf_counter() - t0, float(torch.cat(passes).mean())
 
 
+def _plan(args, name: str) -> list[tuple[str, int]]:
+    """(reuse, budget) of every point of a model: a plain stack has no reuse; `--none-budgets` and `--cofre-reuse`
+    thin out the fixed-point rows."""
+    if MODELS[name][1]:
+        return [("none", b) for b in args.budgets]
+    modes = args.cofre_reuse if (args.cofre_reuse and "CoFRe" in name) else args.reuse
+    return [(r, b) for r in modes for b in args.budgets
+            if r != "none" or args.none_budgets is None or b in args.none_budgets]
+
+
 def stage_eval(args, out: Path, trains: dict) -> dict:
     from fpmgm_hf.data.assets import load_image_dataset
     from fpmgm_hf.evaluation.metrics import fid_from_features
@@ -251,19 +265,18 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
     cells.setdefault("floor", {"classifier": fid_from_features(real, clf.features(train_imgs[:n]))})
     for name in MODELS:
         model, vq = load_image_model(trains[name]["final"])
-        for reuse in args.reuse:
-            for budget in args.budgets:
-                key = f"{name}|{reuse}|{budget}"
-                if key in cells:
-                    continue
-                images, labels, secs, passes = generate(model, vq, n, budget, reuse, args.guidance, args.seed)
-                np.savez_compressed(out / f"samples_{slug(key)}.npz", images=images, labels=labels)
-                acc = float((clf.predict(images) == torch.as_tensor(labels)).float().mean())
-                fid = fid_from_features(real, clf.features(images))
-                cells[key] = {"classifier_accuracy": acc, "fid_classifier": fid, "seconds": secs,
-                              "block_passes": passes, "status": "ok"}
-                cells_path.write_text(json.dumps(cells, indent=1))
-                print(f"[images] {key}: {json.dumps(cells[key])}", flush=True)
+        for reuse, budget in _plan(args, name):
+            key = f"{name}|{reuse}|{budget}"
+            if key in cells:
+                continue
+            images, labels, secs, passes = generate(model, vq, n, budget, reuse, args.guidance, args.seed)
+            np.savez_compressed(out / f"samples_{slug(key)}.npz", images=images, labels=labels)
+            acc = float((clf.predict(images) == torch.as_tensor(labels)).float().mean())
+            fid = fid_from_features(real, clf.features(images))
+            cells[key] = {"classifier_accuracy": acc, "fid_classifier": fid, "seconds": secs,
+                          "block_passes": passes, "status": "ok"}
+            cells_path.write_text(json.dumps(cells, indent=1))
+            print(f"[images] {key}: {json.dumps(cells[key])}", flush=True)
     _inception(args, out, cells, test)
     cells_path.write_text(json.dumps(cells, indent=1))
     return cells
@@ -341,7 +354,7 @@ def _write_readme(args, docs: Path, payload: dict) -> None:
              "Class-conditional accuracy (share classified as the requested digit) / classifier-feature FID:", "",
              "| model | reuse | " + " | ".join(f"B{b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
     for name in MODELS:
-        for reuse in args.reuse:
+        for reuse in sorted({r for r, _ in _plan(args, name)}, key=args.reuse.index):
             cells = []
             for b in budgets:
                 hit = [r for r in rows if (r["model"], r["reuse"], r["budget"]) == (name, reuse, b)]
