@@ -188,7 +188,10 @@ class FPMGMConfig(PretrainedConfig):
 
     def _validate(self):
         _check_int("vocab_size", self.vocab_size, 2, LIMITS["vocab_size"])
-        _check_int("mask_token_id", self.mask_token_id, 0, self.vocab_size - 1)
+        if isinstance(self.mask_token_id, bool) or not (
+            isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size
+        ):
+            _fail("mask_token_id", self.mask_token_id, f"an integer >= 0 and < vocab_size={self.vocab_size}")
         _check_int("hidden_size", self.hidden_size, 1, LIMITS["hidden_size"])
         _check_int("num_attention_heads", self.num_attention_heads, 1, LIMITS["num_attention_heads"])
         if self.hidden_size % self.num_attention_heads:
