@@ -41,6 +41,9 @@ def benches(trained: str | None) -> list[tuple[str, str, list[str]]]:
         ("train", "Training cost, 512-token vocabulary (the blocks dominate)",
          ["bench/train_cost.py", "--hidden", "256", "--heads", "4", "--seq-len", "128", "--batch", "8",
           "--steps", "6", "--vocab", "512"]),
+        # Issue 27: full vocabulary, FP-MDLM at 32 steps against MDLM at 8, at one and at eight sequences.
+        ("sampling", "Sampling at a real vocabulary (50,258), FP-MDLM 32 steps vs MDLM 8 steps",
+         ["bench/sampling_speed.py", "--batch", "1", "8", "--budgets", "96", "--repeats", "1"]),
     ]
     if trained:
         out.append(("solver", f"Solver convergence on the trained model `{trained}`",
@@ -66,7 +69,7 @@ def machine() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", default=None, help="trained FP model folder for the solver benchmark")
-    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "solver"],
+    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "sampling", "solver"],
                    help="run a subset; an existing report keeps the other sections")
     p.add_argument("--out", default="bench/RESULTS.md", help="report path (written atomically)")
     args = p.parse_args(argv)
