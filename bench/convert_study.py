@@ -1,7 +1,7 @@
 """Which conversion recipe pays? MDLM -> FP-MDLM 1/1/1 recipes at equal fine-tuning steps, each with its distance
 from the teacher right after mapping and after fine-tuning (issue 28; docs/conversion).
 
-    .venv/bin/python bench/convert_study.py --teacher outputs/repro/mdlm/final --tokenizer outputs/repro/tokenizer
+    .venv/bin/python bench/convert_study.py --teacher outputs/repro/mdlm/final
     .venv/bin/python bench/convert_study.py ... --rows auto paper --steps 20 --out /tmp/c      # toy
 
 Every row is one `conversion/convert.py` call (resumable, `--resume latest`) on the teacher's own data, framing and
