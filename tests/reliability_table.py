@@ -19,8 +19,9 @@ from pathlib import Path
 ROWS_ENV = "FPMGM_RELIABILITY_ROWS"
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
-TEST_FILES = ["tests/test_reliability.py", "tests/test_config_fuzz.py", "tests/test_security.py",
-              "tests/test_integrity.py", "tests/test_runlock.py", "tests/test_mdlm_checkpoint_safety.py"]
+TEST_FILES = ["tests/test_reliability.py", "tests/test_config_fuzz.py", "tests/test_resume_state.py",
+              "tests/test_security.py", "tests/test_integrity.py", "tests/test_runlock.py",
+              "tests/test_mdlm_checkpoint_safety.py"]
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
 # A test's tmp folder (pytest's or tempfile's), shortened to ".../".
 _TMP = re.compile(r"(?:/private)?/tmp/(?:pytest-of-[^/]+/pytest-\d+/)?[^/\s'\"]+/")

@@ -356,11 +356,9 @@ class Trainer:
         return final
 
     def load(self, path: str) -> None:
-        state_path = os.path.join(path, STATE_FILE)
-        if not os.path.isfile(state_path):
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
             raise ValueError(f"--resume: {path!r} is not a checkpoint folder (no {STATE_FILE}).")
-        with open(state_path) as f:
-            state = json.load(f)
+        state = trainer_state.read_state(path, STATE_FILE)
         check_resume(state, self.meta, path)
         trainer_state.refuse_unsafe_pickles(path)
         bad = weight_file_problems(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import random
 
@@ -40,7 +41,13 @@ def load_ema(shadow: dict, folder: str) -> float:
         raise ValueError(f"--resume: {folder!r} has no {EMA_FILE}, but this run keeps an EMA (--ema).")
     saved = load_file(path)
     with safe_open(path, framework="pt") as f:
-        decay = float((f.metadata() or {}).get("decay", "nan"))
+        text = (f.metadata() or {}).get("decay", "")
+    try:
+        decay = float(text)
+    except ValueError:
+        decay = math.nan
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"--resume: {path}: the saved EMA decay {text!r} is not a number in [0, 1).")
     missing, unexpected = sorted(set(shadow) - set(saved)), sorted(set(saved) - set(shadow))
     shapes = [f"{n}: saved {tuple(saved[n].shape)} vs model {tuple(shadow[n].shape)}"
               for n in sorted(set(saved) & set(shadow)) if saved[n].shape != shadow[n].shape]
@@ -80,6 +87,37 @@ def load_rng(folder: str, rank: int, generator: torch.Generator) -> int:
             raise ValueError(f"--resume: {folder!r} lacks {os.path.basename(path)} for this process.")
         generator.set_state(torch.load(legacy, weights_only=True))
         return -1
+    try:
+        return _restore_rng(path, generator)
+    except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: {path} holds malformed random states ({type(err).__name__}: {err}); delete "
+                         "this checkpoint to resume from the previous one.") from err
+
+
+def read_state(folder: str, name: str) -> dict:
+    """`name` (trainer_state.json) in the checkpoint `folder`: a JSON object whose `step` is the step the folder is
+    named after (`step_N`) and whose `baseline_ppl` is null or a positive number; ValueError naming the file."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: {path} cannot be read as JSON ({err}).") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"--resume: {path} holds a {type(state).__name__}, not a JSON object.")
+    step, base = state.get("step"), os.path.basename(os.path.normpath(folder))
+    expected = int(base[5:]) if base.startswith("step_") and base[5:].isdigit() else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or expected not in (None, step):
+        raise ValueError(f"--resume: {path}: `step` is {step!r}; expected a non-negative integer"
+                         + (f" equal to the folder's step {expected}." if expected is not None else "."))
+    ppl = state.get("baseline_ppl")
+    if ppl is not None and (isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not math.isfinite(ppl)
+                            or ppl <= 0):
+        raise ValueError(f"--resume: {path}: `baseline_ppl` is {ppl!r}; expected null or a positive number.")
+    return state
+
+
+def _restore_rng(path: str, generator: torch.Generator) -> int:
     tensors = load_file(path)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
