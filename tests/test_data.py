@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -239,3 +241,49 @@ def test_bad_data_files_are_refused_by_name(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"--data .*{name}.*{message}"):
         load_documents(str(path), cache_dir=str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------------- one huge line (issue 26)
+
+
+def test_a_long_document_is_tokenised_in_pieces_that_tokenise_as_the_whole(tmp_path):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from fpmgm_hf.data import train_bpe_tokenizer
+    from fpmgm_hf.data.pipeline import PIECE_CHARS, _pieces, _tokenize, separator_id
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far", "away", "king's", "lord,"]
+    text = " ".join(rng.choice(words) for _ in range(60_000)) + " " + "x" * (PIECE_CHARS + 5)  # no space to cut at
+    pieces = _pieces(text)
+    assert "".join(pieces) == text and len(pieces) > 5 and max(map(len, pieces)) <= PIECE_CHARS
+    train_bpe_tokenizer([text[:50_000]], 300, str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    whole = tok(text[:-PIECE_CHARS - 5], add_special_tokens=False)["input_ids"]
+    got = _tokenize({"text": [text[:-PIECE_CHARS - 5]]}, tok, separator_id(tok))["input_ids"][0]
+    assert got == whole + [separator_id(tok)]
+
+
+def test_one_huge_line_is_tokenised_in_bounded_memory(tmp_path):
+    """A 4 MB single-line document: the tokenizer's own working memory stays bounded (one call on the whole line
+    added about 650 MB here; 50 MB took 9.4 GB)."""
+    code = f"""
+import random, resource
+from transformers import AutoTokenizer
+from fpmgm_hf.data import train_bpe_tokenizer
+from fpmgm_hf.data.pipeline import _tokenize, separator_id
+rng = random.Random(0)
+text = " ".join(rng.choice(["the", "cat", "sat", "on", "mat", "dog", "ran"]) for _ in range(1_000_000))
+train_bpe_tokenizer([text[:50_000]], 300, {str(tmp_path / "tok")!r})
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = _tokenize({{"text": [text]}}, tok, separator_id(tok))["input_ids"][0]
+print(len(ids), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
+    tokens, added_mb = map(int, out.stdout.split()[-2:])
+    assert tokens > 1_000_000
+    assert added_mb < 300, f"tokenising one 4 MB line added {added_mb} MB"

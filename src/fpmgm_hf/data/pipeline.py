@@ -36,7 +36,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 WRAPS = ("none", "bos_eos")
 LINES_PER_BUNDLED_DOCUMENT = 32
 MAP_BATCH = 1000  # documents per map batch: bounds memory per batch, changes no result
-_RULE_VERSION = "fpmgm-data-1"  # part of the cache fingerprints: bump when the rules above change
+_RULE_VERSION = "fpmgm-data-2"  # part of the cache fingerprints: bump when the rules above change
 
 DATA_HELP = ("'shakespeare' or 'kjv' (bundled), comma-separated local files (.txt: one document per blank-line "
              "separated paragraph; .json/.jsonl: one per record), or a Hub dataset name")
@@ -222,9 +222,27 @@ def _tokenizer_identity(tokenizer) -> str:
     return Hasher.hash(tokenizer)
 
 
+PIECE_CHARS = 1 << 16  # a longer document is tokenised in pieces: one 50 MB line took 9.4 GB in one call
+
+
+def _pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, each cut just before a whitespace character where
+    there is one (byte-level BPE attaches a space to the word after it, so such a cut tokenises as the whole)."""
+    out, start = [], 0
+    while len(text) - start > limit:
+        cut = max(text.rfind(" ", start + 1, start + limit), text.rfind("\n", start + 1, start + limit))
+        cut = cut if cut > start else start + limit
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def _tokenize(batch: dict, tokenizer, sep: int) -> dict:
-    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-    return {"input_ids": [x + [sep] for x in ids]}
+    pieces = [_pieces(text) for text in batch["text"]]
+    flat = [piece for doc in pieces for piece in doc]
+    ids = iter(tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"])
+    return {"input_ids": [[t for _ in doc for t in next(ids)] + [sep] for doc in pieces]}
 
 
 def tokenize_documents(docs, tokenizer, *, num_proc: Optional[int] = None):
