@@ -63,6 +63,12 @@ def test_start_residuals_replay_what_generate_saw():
     seen = seen[~torch.isnan(seen)]
     assert out["3sr"] == pytest.approx(float(seen.median()), rel=1e-5)
     assert out["h_pre"] > 0 and out["full"] > 0
+    # KL(converged || one iteration) from each start: finite, positive (one iteration is not the fixed point),
+    # and, with 64 iterations from h_pre as the reference, a longer reference run changes it little
+    kls = [out[k] for k in ("kl_h_pre", "kl_3sr", "kl_full")]
+    assert all(math.isfinite(k) and k > 0 for k in kls)
+    again = start_residuals(model, seq_len=16, steps=(6,), batch_size=3, seed=1, converged=128)[6]
+    assert again["kl_h_pre"] == pytest.approx(out["kl_h_pre"], rel=1e-3)
 
 
 def test_cli_refuses_a_model_without_a_fixed_point_block(tmp_path, capsys):

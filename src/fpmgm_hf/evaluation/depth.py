@@ -129,22 +129,34 @@ class _CallRecorder:
             h.remove()
 
 
-def _first_residual(model, call: dict, init) -> Tensor:
-    """Relative residual of the first iteration from `init` (None = h_pre) on a recorded call, per row (B,)."""
-    out = model(call["input_ids"], timesteps=call["timesteps"], attention_mask=call["attention_mask"],
-                class_labels=call["class_labels"], fixed_point_init=init, fp_iters=1, fp_tol=0, fp_trace=True)
-    return out.solver_stats.trace[:, 0].float().cpu()
+def _replay(model, call: dict, init, iters: int = 1):
+    """A recorded call run again for `iters` iterations from `init` (None = h_pre)."""
+    return model(call["input_ids"], timesteps=call["timesteps"], attention_mask=call["attention_mask"],
+                 class_labels=call["class_labels"], fixed_point_init=init, fp_iters=iters, fp_tol=0, fp_trace=True)
+
+
+def _first_step(model, call: dict, init, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Relative residual of the first iteration from `init` per row (B,), and KL(ref || SUBS output after that
+    one iteration) per masked position (N_masked,): how far one iteration from this start is from the fixed
+    point's prediction, which is what a step at one iteration samples from."""
+    out = _replay(model, call, init)
+    masked = call["input_ids"] == model.config.mask_token_id
+    logp = _subs_logp(out.logits[masked], model.config.mask_token_id)
+    kl = (ref.exp() * (ref - logp)).nan_to_num(0.0).sum(-1)
+    return out.solver_stats.trace[:, 0].float().cpu(), kl.float().cpu()
 
 
 @torch.no_grad()
 def start_residuals(model, *, seq_len: int, steps: Sequence[int] = (8, 32, 96), budget_per_step: int = 3,
-                    batch_size: int = 8, seed: int = 0, **generate_kwargs) -> dict[int, dict[str, float]]:
+                    batch_size: int = 8, seed: int = 0, converged: int = 64,
+                    **generate_kwargs) -> dict[int, dict[str, float]]:
     """Median relative residual at each step's start in real generation, first step excluded (App. F.12).
 
     For each step count T: `generate` with 3SR, `budget = budget_per_step * T` (3 = one iteration per step
     for a 1/1/1 model) and the cache off; every recorded call t >= 1 is then replayed for one iteration from
     `h_pre`, from the 3SR start it used, and from the previous call's fixed point. Returns
-    `{T: {"h_pre": r, "3sr": r, "full": r}}`."""
+    `{T: {"h_pre": r, "3sr": r, "full": r, "kl_h_pre": k, "kl_3sr": k, "kl_full": k}}`: median residuals, and the
+    mean KL(converged || one iteration from that start) over masked positions (`converged` iterations from h_pre)."""
     model.eval()
     out = {}
     with raw_map(model):
@@ -156,16 +168,20 @@ def start_residuals(model, *, seq_len: int, steps: Sequence[int] = (8, 32, 96), 
                                **generate_kwargs)
             finally:
                 recorder.remove()
-            found = {"h_pre": [], "3sr": [], "full": []}
+            found = {k: [] for k in ("h_pre", "3sr", "full", "kl_h_pre", "kl_3sr", "kl_full")}
             for prev, call in zip(recorder.calls, recorder.calls[1:], strict=False):
                 if prev["fixed_point"].shape != call["input_ids"].shape + prev["fixed_point"].shape[-1:]:
                     continue  # a row finished early: the batches no longer line up
                 if not isinstance(call["init"], WarmStart):
                     continue
-                found["h_pre"].append(_first_residual(model, call, None))
-                found["3sr"].append(_first_residual(model, call, call["init"]))
-                found["full"].append(_first_residual(model, call, prev["fixed_point"]))
-            out[T] = {k: _median(torch.cat(v)) if v else math.nan for k, v in found.items()}
+                masked = call["input_ids"] == model.config.mask_token_id
+                ref = _subs_logp(_replay(model, call, None, converged).logits[masked], model.config.mask_token_id)
+                for name, init in (("h_pre", None), ("3sr", call["init"]), ("full", prev["fixed_point"])):
+                    residual, kl = _first_step(model, call, init, ref)
+                    found[name].append(residual)
+                    found["kl_" + name].append(kl)
+            out[T] = {k: (_median(torch.cat(v)) if k in ("h_pre", "3sr", "full") else float(torch.cat(v).mean()))
+                      if v else math.nan for k, v in found.items()}
     return out
 
 
