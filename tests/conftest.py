@@ -30,6 +30,22 @@ def tiny_config(**overrides) -> FPMGMConfig:
     return FPMGMConfig(**kwargs)
 
 
+def tiny_text_run(root) -> list[str]:
+    """`fpmgm-train` arguments (no --max-steps / --out) for a tiny run on a repeated sentence: writes the text, a
+    300-token BPE tokenizer and a width-32 config under `root`."""
+    import json
+
+    from fpmgm_hf.data import train_bpe_tokenizer
+
+    text = root / "t.txt"
+    text.write_text("the cat sat on the mat and the dog ran far away .\n" * 200)
+    train_bpe_tokenizer([text.read_text()], 300, str(root / "tok"))
+    (root / "arch.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4, "cond_dim": 16,
+                                                "max_position_embeddings": 16}))
+    return ["--data", str(text), "--tokenizer", str(root / "tok"), "--config", str(root / "arch.json"),
+            "--seq-len", "16", "--batch-size", "2", "--save-every", "2", "--eval-every", "0", "--cpu"]
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give every parameter random values: the default init zeroes adaLN gates and the head, which
     would make many parity checks trivially pass."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config, tiny_model, tiny_text_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_table import record
@@ -148,22 +148,13 @@ def test_truncated_model_safetensors_names_the_file(tmp_path, cut):
 def test_corrupt_training_checkpoint_is_reported_on_resume(tmp_path):
     from fpmgm_hf.training import train
 
-    text = tmp_path / "t.txt"
-    text.write_text("the cat sat on the mat and the dog ran far away .\n" * 200)
-    from fpmgm_hf.data import train_bpe_tokenizer
-
-    train_bpe_tokenizer([text.read_text()], 300, str(tmp_path / "tok"))
-    (tmp_path / "arch.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4, "cond_dim": 16,
-                                                    "max_position_embeddings": 16}))
-    args = ["--data", str(text), "--tokenizer", str(tmp_path / "tok"), "--config", str(tmp_path / "arch.json"),
-            "--seq-len", "16", "--batch-size", "2", "--max-steps", "2", "--save-every", "2", "--eval-every", "0",
-            "--out", str(tmp_path / "run"), "--cpu"]
-    train.main(args)
+    args = tiny_text_run(tmp_path) + ["--out", str(tmp_path / "run")]
+    train.main(args + ["--max-steps", "2"])
     ckpt = tmp_path / "run" / "checkpoints" / "step_2"
     opt = ckpt / "optimizer.bin"
     opt.write_bytes(opt.read_bytes()[:-200])
     with pytest.raises(ValueError, match=r"step_2.*truncated or corrupt[\s\S]*optimizer\.bin"):
-        train.main(args[:-3] + ["--max-steps", "4", "--out", str(tmp_path / "run"), "--cpu", "--resume", "latest"])
+        train.main(args + ["--max-steps", "4", "--resume", "latest"])
 
 
 # ------------------------------------------------------------------------------------ corrupted files (fuzz)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_text_run
 from reliability_table import expect_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -65,18 +66,10 @@ CASES = {  # case -> (edit, file the error must name, words it must contain)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from fpmgm_hf.data import train_bpe_tokenizer
     from fpmgm_hf.training import train
 
     root = tmp_path_factory.mktemp("resume_state")
-    text = root / "t.txt"
-    text.write_text("the cat sat on the mat and the dog ran far away .\n" * 200)
-    train_bpe_tokenizer([text.read_text()], 300, str(root / "tok"))
-    (root / "arch.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4, "cond_dim": 16,
-                                                "max_position_embeddings": 16}))
-    args = ["--data", str(text), "--tokenizer", str(root / "tok"), "--config", str(root / "arch.json"),
-            "--seq-len", "16", "--batch-size", "2", "--save-every", "2", "--eval-every", "0", "--ema", "0.9",
-            "--cpu"]
+    args = tiny_text_run(root) + ["--ema", "0.9"]
     train.main(args + ["--max-steps", "2", "--out", str(root / "run")])
     return root, args
 

@@ -19,7 +19,6 @@ the first holds OUT's folder lock (`fpmgm_hf.training.runlock.folder_lock`, shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
@@ -35,6 +34,7 @@ from ..data import (
     load_training_tokenizer,
     split_blocks,
 )
+from . import trainer_state
 from .export import export
 from .loop import (  # noqa: F401  (re-exported: the names `fpmgm_hf.training.train` had before the loop moved out)
     EMA,
@@ -130,14 +130,7 @@ def read_config_fields(flag: str, path: str) -> dict:
 
     from .. import FPMGMConfig
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--config {flag}: {path} is not a readable JSON file ({err}).") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {flag}: {path} must hold a JSON object of config fields, not a "
-                         f"{type(data).__name__}.")
+    data = trainer_state.read_json_object(path, f"--config {flag}")
     fields = {k: v for k, v in data.items() if not k.startswith("_")}
     known = set(inspect.signature(FPMGMConfig.__init__).parameters) | set(FPMGMConfig().to_dict())
     unknown = sorted(set(fields) - known)

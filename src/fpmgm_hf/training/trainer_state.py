@@ -94,17 +94,24 @@ def load_rng(folder: str, rank: int, generator: torch.Generator) -> int:
                          "this checkpoint to resume from the previous one.") from err
 
 
+def read_json_object(path: str, flag: str) -> dict:
+    """The JSON object in `path`, which `flag` named; ValueError naming both when it is unreadable, not JSON, or
+    not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag}: {path} is not a readable JSON file ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag}: {path} holds a {type(data).__name__}, not a JSON object.")
+    return data
+
+
 def read_state(folder: str, name: str) -> dict:
     """`name` (trainer_state.json) in the checkpoint `folder`: a JSON object whose `step` is the step the folder is
     named after (`step_N`) and whose `baseline_ppl` is null or a positive number; ValueError naming the file."""
     path = os.path.join(folder, name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--resume: {path} cannot be read as JSON ({err}).") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"--resume: {path} holds a {type(state).__name__}, not a JSON object.")
+    state = read_json_object(path, "--resume")
     step, base = state.get("step"), os.path.basename(os.path.normpath(folder))
     expected = int(base[5:]) if base.startswith("step_") and base[5:].isdigit() else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or expected not in (None, step):
