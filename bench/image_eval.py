@@ -65,7 +65,8 @@ def parse_args(argv=None):
            "is where 3SR is compared, the low budgets where it matters")
     a("--cofre-reuse", nargs="+", default=None, help="reuse modes of the CoFRe rows (default: --reuse)")
     a("--num-images", type=int, default=2000, help="samples per point (class-balanced)")
-    a("--guidance", type=float, default=2.0)
+    a("--guidance", type=float, nargs="+", default=[2.0],
+      help="classifier-free guidance scales: every point is sampled at each (a swept axis, like the budget)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=1, help="torch threads for every stage (1 leaves the other core free)")
     a("--cost-steps", type=int, default=30, help="timed training steps per model and round of the cost stage")
@@ -239,14 +240,23 @@ def generate(model, vq, n: int, budget: int, reuse: str, guidance: float, seed: 
     return images, labels.numpy(), time.perf_counter() - t0, float(torch.cat(passes).mean())
 
 
-def _plan(args, name: str) -> list[tuple[str, int]]:
-    """(reuse, budget) of every point of a model: a plain stack has no reuse; `--none-budgets` and `--cofre-reuse`
-    thin out the fixed-point rows."""
+def _plan(args, name: str) -> list[tuple[str, int, float]]:
+    """(reuse, budget, guidance) of every point of a model: a plain stack has no reuse; `--none-budgets` and
+    `--cofre-reuse` thin out the fixed-point rows."""
     if MODELS[name][1]:
-        return [("none", b) for b in args.budgets]
+        return [("none", b, g) for b in args.budgets for g in args.guidance]
     modes = args.cofre_reuse if (args.cofre_reuse and "CoFRe" in name) else args.reuse
-    return [(r, b) for r in modes for b in args.budgets
+    return [(r, b, g) for r in modes for b in args.budgets for g in args.guidance
             if r != "none" or args.none_budgets is None or b in args.none_budgets]
+
+
+def cell_key(name: str, reuse: str, budget: int, guidance: float) -> str:
+    return f"{name}|{reuse}|{budget}|{guidance:g}"
+
+
+def parse_key(key: str) -> tuple[str, str, int, float]:
+    name, reuse, budget, guidance = key.split("|")
+    return name, reuse, int(budget), float(guidance)
 
 
 def stage_eval(args, out: Path, trains: dict) -> dict:
@@ -265,11 +275,11 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
     cells.setdefault("floor", {"classifier": fid_from_features(real, clf.features(train_imgs[:n]))})
     for name in MODELS:
         model, vq = load_image_model(trains[name]["final"])
-        for reuse, budget in _plan(args, name):
-            key = f"{name}|{reuse}|{budget}"
+        for reuse, budget, guidance in _plan(args, name):
+            key = cell_key(name, reuse, budget, guidance)
             if key in cells:
                 continue
-            images, labels, secs, passes = generate(model, vq, n, budget, reuse, args.guidance, args.seed)
+            images, labels, secs, passes = generate(model, vq, n, budget, reuse, guidance, args.seed)
             np.savez_compressed(out / f"samples_{slug(key)}.npz", images=images, labels=labels)
             acc = float((clf.predict(images) == torch.as_tensor(labels)).float().mean())
             fid = fid_from_features(real, clf.features(images))
@@ -321,8 +331,9 @@ def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, 
     for key, cell in cells.items():
         if key == "floor":
             continue
-        name, reuse, budget = key.split("|")
-        sweep.append({"model": name, "baseline": MODELS[name][1], "reuse": reuse, "budget": int(budget),
+        name, reuse, budget, guidance = parse_key(key)
+        sweep.append({"model": name, "baseline": MODELS[name][1], "reuse": reuse, "budget": budget,
+                      "guidance": guidance,
                       "n_images": args.num_images, "classifier_accuracy": cell["classifier_accuracy"],
                       "fid_classifier": cell["fid_classifier"], "fid_inception": cell.get("fid_inception"),
                       "status": cell["status"], "block_passes": cell["block_passes"]})
@@ -334,7 +345,8 @@ def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, 
     (docs / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     for name in MODELS:
         best = min((s for s in sweep if s["model"] == name), key=lambda s: s["fid_classifier"])
-        data = np.load(out / f"samples_{slug(name + '|' + best['reuse'] + '|' + str(best['budget']))}.npz")
+        key = cell_key(name, best["reuse"], best["budget"], best["guidance"])
+        data = np.load(out / f"samples_{slug(key)}.npz")
         order = np.argsort(data["labels"][:100], kind="stable")  # ten of each class, one class per column
         grid = data["images"][:100][order].reshape(10, 10, 28, 28).transpose(1, 0, 2, 3).reshape(100, 28, 28)
         save_grid(docs / f"{slug(name)}.png", grid, cols=10)
@@ -346,23 +358,25 @@ def _write_readme(args, docs: Path, payload: dict) -> None:
     budgets = sorted({r["budget"] for r in rows})
     lines = ["# Images: FP-MaskGIT vs MaskGIT on MNIST (class-conditional, CPU)", "",
              f"Written by `python bench/image_eval.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-             f"{args.num_images} class-balanced samples per point (CFG {args.guidance}, Halton order, confidence "
+             f"{args.num_images} class-balanced samples per point (CFG scale g as given, Halton order, confidence "
              f"sampler); the project's digit classifier has {100 * payload['classifier_test_accuracy']:.2f}% test "
              f"accuracy. Classifier-feature FID floor (test vs train images, N = {args.num_images}): "
              f"{payload['fid_floor']:.3f}" + (f"; Inception floor {payload['fid_floor_inception']:.2f}"
                                               if payload.get("fid_floor_inception") is not None else "") + ".", "",
              "Class-conditional accuracy (share classified as the requested digit) / classifier-feature FID:", "",
-             "| model | reuse | " + " | ".join(f"B{b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+             "| model | reuse | g | " + " | ".join(f"B{b}" for b in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
     for name in MODELS:
-        for reuse in sorted({r for r, _ in _plan(args, name)}, key=args.reuse.index):
+        combos = sorted({(r, g) for r, _, g in _plan(args, name)}, key=lambda x: (args.reuse.index(x[0]), x[1]))
+        for reuse, g in combos:
             cells = []
             for b in budgets:
-                hit = [r for r in rows if (r["model"], r["reuse"], r["budget"]) == (name, reuse, b)]
+                hit = [r for r in rows if (r["model"], r["reuse"], r["budget"], r["guidance"]) == (name, reuse, b, g)]
                 cells.append(f"{100 * hit[0]['classifier_accuracy']:.1f}% / {hit[0]['fid_classifier']:.2f}"
                              if hit else "—")
-            lines.append(f"| {name} | {reuse} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {reuse} | {g:g} | " + " | ".join(cells) + " |")
     lines += ["", "Inception FID at each model's best point: " + ", ".join(
-        f"{r['model']} ({r['reuse']}, B{r['budget']}) {r['fid_inception']:.2f}" for r in rows
+        f"{r['model']} ({r['reuse']}, B{r['budget']}, g {r['guidance']:g}) {r['fid_inception']:.2f}" for r in rows
         if r.get("fid_inception") is not None) + ".", "", "## Training", "",
         "| model | steps | median step (s) | peak RSS (MB) | val masked CE start → end |", "|---|---|---|---|---|"]
     for name, t in payload["training"].items():

@@ -44,6 +44,11 @@ def benches(trained: str | None) -> list[tuple[str, str, list[str]]]:
         # Issue 27: full vocabulary, FP-MDLM at 32 steps against MDLM at 8, at one and at eight sequences.
         ("sampling", "Sampling at a real vocabulary (50,258), FP-MDLM 32 steps vs MDLM 8 steps",
          ["bench/sampling_speed.py", "--batch", "1", "8", "--budgets", "96", "--repeats", "1"]),
+        ("sampling", "Peak memory of generate at batch 8, length 1024, vocabulary 50,258",
+         ["bench/sampling_speed.py", "--memory-only", "--length", "1024", "--batch", "8", "--budgets", "24",
+          "--steps", "2", "8"]),
+        ("compile", "torch.compile and generate: eager, regional (compile_repeated_blocks), whole backbone",
+         ["bench/compile_speed.py"]),
     ]
     if trained:
         out.append(("solver", f"Solver convergence on the trained model `{trained}`",
@@ -69,7 +74,7 @@ def machine() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", default=None, help="trained FP model folder for the solver benchmark")
-    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "sampling", "solver"],
+    p.add_argument("--only", nargs="+", choices=["params", "speed", "train", "sampling", "compile", "solver"],
                    help="run a subset; an existing report keeps the other sections")
     p.add_argument("--out", default="bench/RESULTS.md", help="report path (written atomically)")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +44,11 @@ def parse_args(argv=None):
     a("--repeats", type=int, default=2, help="timed calls per model and setting (median)")
     a("--threads", type=int, default=1)
     a("--memory-only", action="store_true", help="only the peak-memory measurement")
+    a("--steps", type=int, nargs=2, default=None, metavar=("MDLM", "FP"),
+      help="step counts of both models at every budget (default: the reproduction sweep's picks, STEPS)")
+    a("--before-src", default=None,
+      help="also measure memory with the fpmgm_hf package found in this src folder (e.g. a worktree of an older "
+           "commit), to report before/after")
     a("--json", default=None, help="also write the results here")
     a("--_memory", nargs=4, default=None, help=argparse.SUPPRESS)  # child: kind batch budget steps
     return p.parse_args(argv)
@@ -81,7 +87,7 @@ def timing(args) -> list[dict]:
     clocks = [BlockClock(m) for m in models]
     for batch in args.batch:
         for budget in args.budgets:
-            t_m, t_f = STEPS[budget]
+            t_m, t_f = _steps(args, budget)
             kw = [dict(budget=budget, num_steps=t_m), dict(budget=budget, num_steps=t_f, reuse="3sr"),
                   dict(budget=budget, num_steps=t_m)]
             for c in clocks:
@@ -114,23 +120,38 @@ def memory_child(args) -> None:
     base = _rss_mb()
     model.generate(batch_size=int(batch), seq_len=args.length, budget=int(budget), num_steps=int(steps),
                    generator=torch.Generator().manual_seed(0))
-    print(json.dumps({"added_mb": _rss_mb() - base}))
+    import fpmgm_hf
+
+    print(json.dumps({"added_mb": _rss_mb() - base, "package": str(Path(fpmgm_hf.__file__).parent)}))
+
+
+def _steps(args, budget: int) -> tuple[int, int]:
+    if args.steps:
+        return tuple(args.steps)
+    if budget not in STEPS:
+        raise SystemExit(f"--budgets: no step counts for budget {budget}; valid: {sorted(STEPS)} or pass --steps")
+    return STEPS[budget]
 
 
 def memory(args) -> list[dict]:
     rows = []
+    versions = [("", None)] + ([("before_", args.before_src)] if args.before_src else [])
     for batch in args.batch:
         for budget in args.budgets:
-            row = {"batch": batch, "budget": budget}
-            for kind, steps in zip(("mdlm", "fp"), STEPS[budget], strict=True):
-                cmd = [sys.executable, __file__, "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--heads",
-                       str(args.heads), "--length", str(args.length), "--_memory", kind, str(batch), str(budget),
-                       str(steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                row[kind] = json.loads(out.stdout.strip().splitlines()[-1])["added_mb"]
+            row = {"batch": batch, "budget": budget, "steps": list(_steps(args, budget))}
+            for prefix, src in versions:
+                env = dict(os.environ, PYTHONPATH=src) if src else None
+                for kind, steps in zip(("mdlm", "fp"), _steps(args, budget), strict=True):
+                    cmd = [sys.executable, __file__, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+                           "--heads", str(args.heads), "--length", str(args.length), "--_memory", kind, str(batch),
+                           str(budget), str(steps)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                    child = json.loads(out.stdout.strip().splitlines()[-1])
+                    row[prefix + kind], row[prefix + "package"] = child["added_mb"], child["package"]
+                print(f"{'before: ' if prefix else ''}batch {batch}, length {args.length}, B{budget}: generate adds "
+                      f"{row[prefix + 'mdlm']:.0f} MB (MDLM) / {row[prefix + 'fp']:.0f} MB (FP-MDLM) to the process",
+                      flush=True)
             rows.append(row)
-            print(f"batch {batch}, B{budget}: generate adds {row['mdlm']:.0f} MB (MDLM) / {row['fp']:.0f} MB "
-                  "(FP-MDLM) to the process", flush=True)
     return rows
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-RECIPE = ""  # the recipe bench/convert_study.py picked (docs/conversion): extra converter flags
+RECIPE = "--lr 1e-3"  # the recipe bench/convert_study.py picked (docs/conversion): extra converter flags
 
 
 def teacher_config(args) -> dict:
@@ -143,6 +143,31 @@ def samples_section(out: Path, per_point: int = 2) -> list[str]:
     return lines
 
 
+def verdict_section(out: Path) -> list[str]:
+    """Converted model against its teacher, per evaluator and budget: each model's best point (either reuse), the
+    ratio of their gen-PPLs and whether the 95% intervals separate them. Stated plainly, whichever way it goes."""
+    from fpmgm_hf.evaluation.sweep_report import best_per_budget, load_points
+
+    best = {}
+    for p in best_per_budget(load_points(out / "sweep" / "results.json")):
+        key = (p.evaluator, p.budget, p.model.startswith("converted"))
+        if key not in best or p.gen_ppl < best[key].gen_ppl:
+            best[key] = p
+    lines = ["## Converted model vs its teacher", "",
+             "Best point of each model per budget (either reuse); ratio < 1: the converted model's samples score "
+             "better. 'wins' / 'loses' only where the 95% intervals are disjoint, else 'tie'.", "",
+             "| evaluator | budget | teacher | converted | ratio | verdict |", "|---|---|---|---|---|---|"]
+    for (evaluator, budget, conv), c in sorted(best.items()):
+        t = best.get((evaluator, budget, False))
+        if not conv or t is None:
+            continue
+        verdict = "wins" if c.ci95[1] < t.ci95[0] else "loses" if c.ci95[0] > t.ci95[1] else "tie"
+        lines.append(f"| {evaluator} | {budget} | {t.gen_ppl:.1f} [{t.ci95[0]:.1f}, {t.ci95[1]:.1f}] | "
+                     f"{c.gen_ppl:.1f} [{c.ci95[0]:.1f}, {c.ci95[1]:.1f}] ({c.reuse}) | {c.gen_ppl / t.gen_ppl:.2f} | "
+                     f"{verdict} |")
+    return lines + [""]
+
+
 def report(out: Path, args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out / "hf_modules"))
     proc = subprocess.run([PY, "-c", RELOAD, str(out / "fp-mdlm")], capture_output=True, text=True, env=env)
@@ -163,7 +188,7 @@ def report(out: Path, args) -> str:
         "at equal compute budgets (transformer-block passes per sample). Two evaluators score the same samples: "
         "an in-domain character LM trained on the same text (the primary one: it knows what Shakespeare looks "
         "like at this scale) and a general LM.", "",
-        table, "![quality vs budget](quality_vs_budget.png)", "",
+        table, "![quality vs budget](quality_vs_budget.png)", "", *verdict_section(out),
         f"Evaluators ({len(results['eval_lm'])}): {evaluators}. {args.samples} samples of {args.seq_len} tokens per "
         f"point, seed {args.seed}, float64 sampling; intervals are 95% bootstrap intervals over samples.", "",
         *samples_section(out),
@@ -210,7 +235,7 @@ def main(argv=None):
     print("\n" + table)
     print(f"[demo] finished in {(time.time() - t0) / 60:.1f} min. Made:")
     for name, what in (("report.md", "report (table + plot)"), ("quality_vs_budget.png", "plot"),
-                       ("fp-mdlm", "converted CoFRe model (save_pretrained, README.md model card)"),
+                       ("fp-mdlm", "the converted FP-MDLM (save_pretrained, README.md model card)"),
                        ("mdlm/final", "the MDLM teacher"), ("sweep/samples", "every generated sample")):
         print(f"  {out / name}  -- {what}")
     return out

@@ -134,3 +134,33 @@ def test_generate_images_writes_one_column_per_class(tmp_path):
 
     expected = generate_images.tile(np.zeros((2 * NUM_CLASSES, 28, 28), np.uint8), cols=NUM_CLASSES).shape
     assert (height, width) == expected  # one column per class, --rows rows of 28x28 images
+
+
+def test_demo_verdict_states_the_direction_only_where_intervals_separate(tmp_path):
+    import importlib.util
+    from dataclasses import asdict
+
+    from fpmgm_hf.evaluation.sweep_report import SweepPoint
+
+    spec = importlib.util.spec_from_file_location("demo_under_test", Path(__file__).parents[1] / "examples/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    def point(model, reuse, budget, ppl, ci, evaluator="in-domain"):
+        return asdict(SweepPoint(model=model, reuse=reuse, fp_schedule="decreasing", budget=budget, num_steps=4,
+                                 gen_ppl=ppl, pooled_ppl=ppl, entropy=4.0, block_passes=budget, seconds=1.0,
+                                 evaluator=evaluator, ci95=ci))
+
+    points = [point("MDLM (6 layers)", "none", 24, 30.0, [28.0, 32.0]),
+              point("converted FP-MDLM (1/1/1)", "none", 24, 22.0, [21.0, 23.0]),  # wins
+              point("converted FP-MDLM (1/1/1)", "3sr", 24, 26.0, [25.0, 27.0]),  # not its best point
+              point("MDLM (6 layers)", "none", 96, 20.0, [19.0, 21.0]),
+              point("converted FP-MDLM (1/1/1)", "3sr", 96, 20.5, [19.5, 21.5]),  # tie
+              point("MDLM (6 layers)", "none", 96, 10.0, [9.0, 11.0], evaluator="general"),
+              point("converted FP-MDLM (1/1/1)", "none", 96, 14.0, [13.0, 15.0], evaluator="general")]  # loses
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps({"points": points}))
+    rows = [line for line in demo.verdict_section(tmp_path) if line.startswith("| ") and "budget" not in line]
+    verdicts = {(r.split("|")[1].strip(), int(r.split("|")[2])): r.split("|")[-2].strip() for r in rows}
+    assert verdicts == {("in-domain", 24): "wins", ("in-domain", 96): "tie", ("general", 96): "loses"}
+    assert "22.0 [21.0, 23.0] (none) | 0.73" in next(r for r in rows if "| 24 |" in r)

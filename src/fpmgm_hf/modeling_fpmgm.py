@@ -117,6 +117,7 @@ class FPMGMPreTrainedModel(CheckedWeightsMixin, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FPMGMBlock"]
+    _repeated_blocks = ["FPMGMBlock"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -136,6 +137,19 @@ class FPMGMPreTrainedModel(CheckedWeightsMixin, PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, FPMGMInjection) and module.kind == "constrained":
             init_decay_log(module.decay_log, module.decay_init)
+
+    def compile_repeated_blocks(self, *args, **kwargs) -> None:
+        """Regional compilation: `torch.compile` each transformer block in place (arguments go to
+        `nn.Module.compile`), as diffusers' method of the same name does. Every block has one class and, within a
+        `generate` call, one input shape, so one compiled graph serves the pre, shared and post blocks and every
+        solver iteration; the solver, sampler and step loop stay eager, so a new budget, reuse mode or step count
+        compiles nothing new. Weights and state-dict keys are unchanged (bench/compile_speed.py, docs/generation.md).
+        """
+        blocks = [m for m in self.modules() if type(m).__name__ in self._repeated_blocks]
+        if not blocks:
+            raise ValueError(f"no module of the classes {self._repeated_blocks} (`_repeated_blocks`) to compile.")
+        for block in blocks:
+            block.compile(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` holds one name; both entries must reach config.json for the Hub.
@@ -304,9 +318,7 @@ class FPMGMModel(FPMGMPreTrainedModel):
         z_norm = torch.linalg.vector_norm(z0.detach(), dim=(1, 2), dtype=torch.float32)  # (B,)
         h_norm = torch.linalg.vector_norm(h_pre.detach(), dim=(1, 2), dtype=torch.float32)
         rejected = ~torch.isfinite(z_norm) | (z_norm > WARM_START_MAX_RATIO * h_norm.clamp_min(1e-6))
-        if bool(rejected.any()):
-            z0 = torch.where(rejected[:, None, None], h_pre, z0)
-        return z0, rejected
+        return torch.where(rejected[:, None, None], h_pre, z0), rejected  # no host sync: a `where` is cheap
 
     def _fixed_point(self, h_pre, c, rope, attn_mask, token_mask, fixed_point_init, solve_args, generator):
         """`(z*, stats, penalty, f)`: the solve from the start `_initial_state` gives, and the map `f(z, rows,

@@ -105,6 +105,11 @@ def _check_args(max_iter, tol, on_nonfinite, patience=None):
         raise ValueError(f"`on_nonfinite` must be 'raise' or 'flag', got {on_nonfinite!r}.")
 
 
+def _rows(flags: Tensor, like: Tensor) -> Tensor:
+    """A per-row `(b,)` flag shaped to broadcast against `like` `(b, ...)`."""
+    return flags.view(-1, *([1] * (like.dim() - 1)))
+
+
 class _ActiveSet:
     """Book-keeping shared by the solvers: which rows still iterate, their stats and the safety net."""
 
@@ -116,8 +121,7 @@ class _ActiveSet:
         self.patience = patience
         if patience is not None:
             B = z0.shape[0]
-            self.snapshots = {-1: z0}  # iteration -> the whole batch's state then (references, no copies)
-            self.best_iter = torch.full((B,), -1, dtype=torch.long, device=z0.device)
+            self.best_z = z0  # each row's iterate with the smallest residual so far (updated on the device)
             self.best_res = torch.full((B,), float("inf"), device=z0.device)
             self.last_res = torch.full((B,), float("inf"), device=z0.device)
             self.rising = torch.zeros(B, dtype=torch.long, device=z0.device)
@@ -147,22 +151,16 @@ class _ActiveSet:
         diff, ref = residual_norms(new, old, self.sub_mask()) if norms is None else norms
         res = diff / ref.clamp_min(_EPS)
         finite = torch.isfinite(res)  # a non-finite entry anywhere in `new` makes its residual non-finite
-        all_finite = bool(finite.all())
-        if not all_finite:
-            new = self._nonfinite(step, new, old, finite)
+        new = self._nonfinite(step, new, old, finite)
         st = self.stats
         st.iterations = self.put(st.iterations, self.get(st.iterations) + 1)
-        st.residual = self.put(st.residual, res if all_finite else torch.where(finite, res, self.get(st.residual)))
+        st.residual = self.put(st.residual, torch.where(finite, res, self.get(st.residual)))
         if st.trace is not None:
             st.trace[self.rows, step] = res
         keep = finite
         if self.patience is not None:
-            new, keep, improved = self._safety_net(step, new, diff, finite, keep)
+            new, keep = self._safety_net(new, diff, finite, keep)
         self.z = self.put(self.z, new)
-        if self.patience is not None and bool(improved.any()):
-            self.snapshots[step] = self.z
-            alive = set(self.best_iter.tolist())
-            self.snapshots = {k: v for k, v in self.snapshots.items() if k in alive}
         if self.tol is not None:
             done = keep & (res < self.tol)
             st.converged = self.put(st.converged, self.get(st.converged) | done)
@@ -170,35 +168,33 @@ class _ActiveSet:
         return keep
 
     def _nonfinite(self, step, new, old, finite):
-        bad = self.rows[~finite]
+        """`new` with non-finite rows frozen at `old`. In "flag" mode this runs on the device with no host sync
+        (a `where` over the state costs far less than the map); "raise" has to look, once per iteration."""
         if self.on_nonfinite == "raise":
-            raise FloatingPointError(
-                f"fixed-point solver: non-finite iterate at iteration {step + 1} for batch rows {bad.tolist()}; "
-                "use on_nonfinite='flag' to freeze those samples instead."
-            )
-        self.stats.nonfinite[bad] = True
-        return torch.where(finite.view(-1, *([1] * (new.dim() - 1))), new, old)
+            if not bool(finite.all()):
+                raise FloatingPointError(
+                    f"fixed-point solver: non-finite iterate at iteration {step + 1} for batch rows "
+                    f"{self.rows[~finite].tolist()}; use on_nonfinite='flag' to freeze those samples instead."
+                )
+            return new
+        self.stats.nonfinite = self.put(self.stats.nonfinite, self.get(self.stats.nonfinite) | ~finite)
+        return torch.where(_rows(finite, new), new, old)
 
-    def _safety_net(self, step, new, diff, finite, keep):
+    def _safety_net(self, new, diff, finite, keep):
         """Stop rows whose residual rose `patience` times in a row (or that went non-finite) and set them back to
-        their best iterate. The best iterate of a row is remembered as the iteration it happened at, and the
-        batch states of those iterations are kept by reference, so tracking it costs no copy."""
+        their best iterate. Runs on the device with no host sync: the best iterate is kept as a state updated by
+        `where`, and tripped rows take it by `where` (only `shrink` looks at the host, once per iteration)."""
         improved = finite & (diff < self.get(self.best_res))
         self.best_res = self.put(self.best_res, torch.where(improved, diff, self.get(self.best_res)))
-        self.best_iter = self.put(self.best_iter, torch.where(improved, step, self.get(self.best_iter)))
         rising = torch.where(finite & (diff > self.get(self.last_res)), self.get(self.rising) + 1, 0)
         self.rising = self.put(self.rising, rising)
         self.last_res = self.put(self.last_res, torch.where(finite, diff, self.get(self.last_res)))
         tripped = (rising >= self.patience) | ~finite
-        if bool(tripped.any()):
-            self.stats.diverged = self.put(self.stats.diverged, self.get(self.stats.diverged) | tripped)
-            local = tripped.nonzero().squeeze(1)  # positions among the active rows
-            rows = self.rows[local]
-            best = torch.stack([self.snapshots[k][r] for k, r in zip(self.best_iter[rows].tolist(), rows.tolist(),
-                                                                      strict=True)])
-            new = new.index_copy(0, local, best.to(new.dtype))
-            keep = keep & ~tripped
-        return new, keep, improved
+        self.stats.diverged = self.put(self.stats.diverged, self.get(self.stats.diverged) | tripped)
+        best = self.get(self.best_z)
+        best = torch.where(_rows(improved, new), new, best)  # this iterate, where it is the best so far
+        self.best_z = self.put(self.best_z, best)
+        return torch.where(_rows(tripped, new), best.to(new.dtype), new), keep & ~tripped
 
     def shrink(self, keep: Tensor) -> bool:
         """Drop rows that stopped; returns False when no row is left."""
