@@ -71,6 +71,9 @@ def parse_args(argv=None):
     a("--threads", type=int, default=1, help="torch threads for every stage (1 leaves the other core free)")
     a("--cost-steps", type=int, default=30, help="timed training steps per model and round of the cost stage")
     a("--cost-rounds", type=int, default=3, help="alternating rounds of the cost stage")
+    a("--probe", action="store_true",
+      help="a quick look before the measured run: only the eval stage, into OUT/probe_cells.json (no Inception FID, "
+           "no cost stage, no report), e.g. to choose --guidance on a few hundred samples")
     a("--parallel", action="store_true",
       help="train MaskGIT and FP-MaskGIT at the same time (one thread each); default: one after the other")
     return p.parse_args(argv)
@@ -270,7 +273,8 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
     test, _ = load_image_dataset(args.data, "test")
     train_imgs, _ = load_image_dataset(args.data, "train")
     real = clf.features(test[:n])
-    cells_path = out / "cells.json"
+    prefix = "probe_" if args.probe else ""
+    cells_path = out / f"{prefix}cells.json"
     cells = json.loads(cells_path.read_text()) if cells_path.is_file() else {}
     cells.setdefault("floor", {"classifier": fid_from_features(real, clf.features(train_imgs[:n]))})
     for name in MODELS:
@@ -280,14 +284,15 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
             if key in cells:
                 continue
             images, labels, secs, passes = generate(model, vq, n, budget, reuse, guidance, args.seed)
-            np.savez_compressed(out / f"samples_{slug(key)}.npz", images=images, labels=labels)
+            np.savez_compressed(out / f"{prefix}samples_{slug(key)}.npz", images=images, labels=labels)
             acc = float((clf.predict(images) == torch.as_tensor(labels)).float().mean())
             fid = fid_from_features(real, clf.features(images))
             cells[key] = {"classifier_accuracy": acc, "fid_classifier": fid, "seconds": secs,
                           "block_passes": passes, "status": "ok"}
             cells_path.write_text(json.dumps(cells, indent=1))
             print(f"[images] {key}: {json.dumps(cells[key])}", flush=True)
-    _inception(args, out, cells, test)
+    if not args.probe:
+        _inception(args, out, cells, test)
     cells_path.write_text(json.dumps(cells, indent=1))
     return cells
 
@@ -407,6 +412,9 @@ def main(argv=None) -> None:
     stage_vq(args, out)
     clf_summary = stage_classifier(args, out)
     trains = stage_train(args, out)
+    if args.probe:
+        stage_eval(args, out, trains)
+        return
     cost = stage_cost(args, out)
     cells = stage_eval(args, out, trains)
     if args.docs:

@@ -3,7 +3,7 @@ with `accelerate launch conversion/convert.py` (the layers chosen by `--map auto
 both at equal compute budgets (3SR for the FP model), score the samples with two evaluation LMs (an in-domain
 character LM trained here, and a general LM) with 95% bootstrap intervals, and write everything to `outputs/demo/`.
 
-    bash scripts/demo.sh                         # set-up + this script (about 15-20 minutes on 2 idle CPU cores)
+    bash scripts/demo.sh                         # set-up + this script (45 min at one thread on a busy 2-core CPU when last run)
     .venv/bin/python examples/demo.py --out outputs/demo --steps 1200
 
 Re-running reuses finished stages; an interrupted run resumes (training from its last checkpoint, the
@@ -132,6 +132,8 @@ def samples_section(out: Path, per_point: int = 2) -> list[str]:
     from fpmgm_hf.evaluation.sweep_report import best_per_budget, load_points
 
     best = [p for p in best_per_budget(load_points(out / "sweep" / "results.json")) if p.samples_file]
+    evaluator = min((p.evaluator for p in best), default="")  # every evaluator scores the same samples: show them once
+    best = [p for p in best if p.evaluator == evaluator]
     if not best:
         return []
     top = max(p.budget for p in best)
@@ -168,6 +170,12 @@ def verdict_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _lm_name(info: dict) -> str:
+    """An evaluator's name without machine paths: a local folder as its last two parts (`char-lm/final`)."""
+    path = Path(str(info.get("name")))
+    return "/".join(path.parts[-2:]) if path.is_absolute() else str(path)
+
+
 def report(out: Path, args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out / "hf_modules"))
     proc = subprocess.run([PY, "-c", RELOAD, str(out / "fp-mdlm")], capture_output=True, text=True, env=env)
@@ -175,9 +183,9 @@ def report(out: Path, args) -> str:
         sys.exit(f"[demo] the converted model did not reload through remote code:\n{proc.stderr[-2000:]}")
     reload = json.loads(proc.stdout.strip().splitlines()[-1])
     results = json.loads((out / "sweep" / "results.json").read_text())
-    evaluators = "; ".join(f"{label}: `{Path(str(info.get('name'))).name}` (comparable to published numbers: "
+    evaluators = "; ".join(f"{label}: `{_lm_name(info)}` (comparable to published numbers: "
                            f"{info.get('comparable_to_published')})" for label, info in results["eval_lm"].items())
-    table = (out / "sweep" / "results.md").read_text()
+    table = (out / "sweep" / "results.md").read_text().replace(f"{out}/", "")  # no machine paths in the report
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
     if (out / "sweep" / "quality_vs_budget.png").exists():
         os.replace(out / "sweep" / "quality_vs_budget.png", out / "quality_vs_budget.png")
