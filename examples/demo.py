@@ -3,7 +3,7 @@ with `accelerate launch conversion/convert.py` (the layers chosen by `--map auto
 both at equal compute budgets (3SR for the FP model), score the samples with two evaluation LMs (an in-domain
 character LM trained here, and a general LM) with 95% bootstrap intervals, and write everything to `outputs/demo/`.
 
-    bash scripts/demo.sh                         # set-up + this script (45 min at one thread on a busy 2-core CPU when last run)
+    bash scripts/demo.sh            # set-up + this script (45 min at one thread on a busy 2-core CPU when last run)
     .venv/bin/python examples/demo.py --out outputs/demo --steps 1200
 
 Re-running reuses finished stages; an interrupted run resumes (training from its last checkpoint, the
