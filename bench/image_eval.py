@@ -72,8 +72,8 @@ def parse_args(argv=None):
     a("--cost-steps", type=int, default=30, help="timed training steps per model and round of the cost stage")
     a("--cost-rounds", type=int, default=3, help="alternating rounds of the cost stage")
     a("--probe", action="store_true",
-      help="a quick look before the measured run: only the eval stage, into OUT/probe_cells.json (no Inception FID, "
-           "no cost stage, no report), e.g. to choose --guidance on a few hundred samples")
+      help="a quick look before the measured run: only the eval stage of the models trained so far, into "
+           "OUT/probe_cells.json (no Inception FID, no cost stage, no report), e.g. to choose --guidance")
     a("--parallel", action="store_true",
       help="train MaskGIT and FP-MaskGIT at the same time (one thread each); default: one after the other")
     return p.parse_args(argv)
@@ -163,7 +163,13 @@ def stage_train(args, out: Path) -> dict:
                                               stderr=subprocess.STDOUT))
         if any(p.wait() for p in procs):
             raise RuntimeError(f"training {group} failed; see {out}/*/stdout.txt")
-    return {name: json.loads((out / slug(name) / "train_report.json").read_text()) for name in MODELS}
+    return finished_trainings(out)
+
+
+def finished_trainings(out: Path) -> dict:
+    """The training reports of the models whose training has finished (name -> report)."""
+    reports = {name: out / slug(name) / "train_report.json" for name in MODELS}
+    return {name: json.loads(path.read_text()) for name, path in reports.items() if path.is_file()}
 
 
 def _cost_child(preset: str, codes: str, steps: int, batch: int, seed: int, report: str) -> None:
@@ -277,7 +283,7 @@ def stage_eval(args, out: Path, trains: dict) -> dict:
     cells_path = out / f"{prefix}cells.json"
     cells = json.loads(cells_path.read_text()) if cells_path.is_file() else {}
     cells.setdefault("floor", {"classifier": fid_from_features(real, clf.features(train_imgs[:n]))})
-    for name in MODELS:
+    for name in trains:
         model, vq = load_image_model(trains[name]["final"])
         for reuse, budget, guidance in _plan(args, name):
             key = cell_key(name, reuse, budget, guidance)
@@ -411,10 +417,10 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stage_vq(args, out)
     clf_summary = stage_classifier(args, out)
-    trains = stage_train(args, out)
-    if args.probe:
-        stage_eval(args, out, trains)
+    if args.probe:  # the models trained so far, nothing else
+        stage_eval(args, out, finished_trainings(out))
         return
+    trains = stage_train(args, out)
     cost = stage_cost(args, out)
     cells = stage_eval(args, out, trains)
     if args.docs:
