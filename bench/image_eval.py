@@ -264,7 +264,11 @@ def cell_key(name: str, reuse: str, budget: int, guidance: float) -> str:
 
 
 def parse_key(key: str) -> tuple[str, str, int, float]:
-    name, reuse, budget, guidance = key.split("|")
+    parts = key.split("|")
+    if len(parts) != 4:
+        raise SystemExit(f"cells.json: point {key!r} is not 'model|reuse|budget|guidance' (written before guidance "
+                         "was an axis?); move that file away to re-evaluate")
+    name, reuse, budget, guidance = parts
     return name, reuse, int(budget), float(guidance)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+TEACHER, CONVERTED = "MDLM (6 layers)", "converted FP-MDLM (1/1/1)"  # the sweep's model names
 RECIPE = "--lr 1e-3"  # the recipe bench/convert_study.py picked (docs/conversion): extra converter flags
 
 
@@ -101,7 +102,7 @@ def char_lm(out: Path, args) -> None:
 
 def sweep(out: Path, args) -> None:
     cmd = [PY, "-m", "fpmgm_hf.evaluation", "sweep", "--model", str(out / "mdlm" / "final"), str(out / "fp-mdlm"),
-           "--names", "MDLM (6 layers)", "converted FP-MDLM (1/1/1)", "--budgets", *map(str, args.budgets),
+           "--names", TEACHER, CONVERTED, "--budgets", *map(str, args.budgets),
            "--reuse", "none", "3sr", "--num-samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--pilot-samples", str(max(2, args.samples // 4)), "--fp-iters", "1", "2", "4",
            "--batch-size", str(args.samples), "--eval-lm", str(out / "char-lm" / "final"), args.eval_lm,
@@ -152,7 +153,7 @@ def verdict_section(out: Path) -> list[str]:
 
     best = {}
     for p in best_per_budget(load_points(out / "sweep" / "results.json")):
-        key = (p.evaluator, p.budget, p.model.startswith("converted"))
+        key = (p.evaluator, p.budget, p.model == CONVERTED)
         if key not in best or p.gen_ppl < best[key].gen_ppl:
             best[key] = p
     lines = ["## Converted model vs its teacher", "",
@@ -170,12 +171,6 @@ def verdict_section(out: Path) -> list[str]:
     return lines + [""]
 
 
-def _lm_name(info: dict) -> str:
-    """An evaluator's name without machine paths: a local folder as its last two parts (`char-lm/final`)."""
-    path = Path(str(info.get("name")))
-    return "/".join(path.parts[-2:]) if path.is_absolute() else str(path)
-
-
 def report(out: Path, args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out / "hf_modules"))
     proc = subprocess.run([PY, "-c", RELOAD, str(out / "fp-mdlm")], capture_output=True, text=True, env=env)
@@ -183,9 +178,10 @@ def report(out: Path, args) -> str:
         sys.exit(f"[demo] the converted model did not reload through remote code:\n{proc.stderr[-2000:]}")
     reload = json.loads(proc.stdout.strip().splitlines()[-1])
     results = json.loads((out / "sweep" / "results.json").read_text())
-    evaluators = "; ".join(f"{label}: `{_lm_name(info)}` (comparable to published numbers: "
+    local = f"{out}/"  # evaluators trained here are named by their folder: no machine paths in the report
+    evaluators = "; ".join(f"{label}: `{str(info.get('name')).replace(local, '')}` (comparable to published numbers: "
                            f"{info.get('comparable_to_published')})" for label, info in results["eval_lm"].items())
-    table = (out / "sweep" / "results.md").read_text().replace(f"{out}/", "")  # no machine paths in the report
+    table = (out / "sweep" / "results.md").read_text().replace(local, "")
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
     if (out / "sweep" / "quality_vs_budget.png").exists():
         os.replace(out / "sweep" / "quality_vs_budget.png", out / "quality_vs_budget.png")

@@ -137,14 +137,11 @@ def test_generate_images_writes_one_column_per_class(tmp_path):
 
 
 def test_demo_verdict_states_the_direction_only_where_intervals_separate(tmp_path):
-    import importlib.util
     from dataclasses import asdict
 
-    from fpmgm_hf.evaluation.sweep_report import SweepPoint
+    import demo  # examples/ is on sys.path (top of this file)
 
-    spec = importlib.util.spec_from_file_location("demo_under_test", Path(__file__).parents[1] / "examples/demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from fpmgm_hf.evaluation.sweep_report import SweepPoint
 
     def point(model, reuse, budget, ppl, ci, evaluator="in-domain"):
         return asdict(SweepPoint(model=model, reuse=reuse, fp_schedule="decreasing", budget=budget, num_steps=4,

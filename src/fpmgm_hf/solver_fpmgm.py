@@ -313,7 +313,7 @@ def anderson(
         new = new.to(z0.dtype).reshape(-1, *shape)
         mixed_ok = torch.isfinite(new).flatten(1).all(1)  # a singular mix falls back to the plain step
         if not bool(mixed_ok.all()):
-            new = torch.where(mixed_ok.view(-1, *([1] * (new.dim() - 1))), new, fx)
+            new = torch.where(_rows(mixed_ok, new), new, fx)
         keep = state.record(step, new, old, norms=residual_norms(fx, old, state.sub_mask()))
         if not state.shrink(keep):
             break
