@@ -373,10 +373,8 @@ def wilson(accuracy: float, n: int, z: float = 1.96) -> list[float]:
     return [centre - half, centre + half]
 
 
-def training_row(args, out: Path, name: str, report: dict, cost: dict) -> dict:
-    """A model's training report with its sizing: parameters and tokens seen (steps x batch x grid cells)."""
-    with np.load(out / "codes" / f"{args.data}_train.npz") as codes:
-        cells = int(np.prod(codes["tokens"].shape[1:]))  # tokens per image: (N, 7, 7) -> 49
+def training_row(args, cells: int, name: str, report: dict, cost: dict) -> dict:
+    """A model's training report with its sizing: parameters and tokens seen (steps x batch x `cells` per grid)."""
     params = cost.get(name.replace(" + CoFRe", ""), {}).get("params")
     return {**{k: v for k, v in report.items() if k != "final"}, "params": params, "batch_size": args.batch_size,
             "tokens_seen": report["steps"] * args.batch_size * cells}
@@ -400,10 +398,12 @@ def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, 
                       "fid_classifier": cell["fid_classifier"], "fid_inception": cell.get("fid_inception"),
                       "status": cell["status"], "block_passes": cell["block_passes"],
                       "safety_net": cell.get("safety_net"), "seconds": cell.get("seconds")})
+    with np.load(out / "codes" / f"{args.data}_train.npz") as codes:
+        cells_per_grid = int(np.prod(codes["tokens"].shape[1:]))  # tokens per image: (N, 7, 7) -> 49
     payload = {"dataset": args.data, "fid_floor": cells["floor"]["classifier"],
                "fid_floor_inception": cells["floor"].get("inception"),
                "classifier_test_accuracy": clf_summary["test_accuracy"], "sweep": sweep,
-               "training": {k: training_row(args, out, k, t, cost) for k, t in trains.items()},
+               "training": {k: training_row(args, cells_per_grid, k, t, cost) for k, t in trains.items()},
                "training_cost": cost}
     atomic_text(docs / "results.json", json.dumps(payload, indent=1) + "\n")
     for name in MODELS:
@@ -476,8 +476,8 @@ def _training_lines(payload: dict) -> list[str]:
               "paper's ratio for the same pair (FP-MaskGIT 4/4 on ImageNette, A100):", "",
               "| FP-MaskGIT 4/1/4 vs | step time (s) | FP / baseline | paper | training memory (MB) | FP / baseline "
               "| paper | parameters | FP / baseline |", "|---|---|---|---|---|---|---|---|---|"]
-    for base, r in cost.get("ratios_vs", {"MaskGIT-12": cost["ratios"]}).items():
-        b, paper = cost[base], r.get("paper", PAPER_COST[base])
+    for base, r in cost["ratios_vs"].items():  # stage_cost recomputes a cost.json that predates ratios_vs
+        b, paper = cost[base], r["paper"]
         lines.append(f"| {base} | {fp['median_step_s']:.3f} vs {b['median_step_s']:.3f} | {r['step_time']:.3f} | "
                      f"{paper['step_time']:.3f} | {fp['training_mb']:.0f} vs {b['training_mb']:.0f} | "
                      f"{r['training_memory']:.3f} | {paper['memory']:.3f} | {fp['params']:,} vs {b['params']:,} | "
