@@ -126,6 +126,23 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+PAUSE_S = 60.0  # a step-to-step gap this long is a stop and resume, not training
+
+
+def log_summary(run: Path) -> dict:
+    """Step count, median step time, training time and the first and last validation CE from RUN/log.jsonl.
+
+    The training time sums the step-to-step gaps below `PAUSE_S`, so a run stopped and resumed across sessions
+    counts only the time it trained (a process's own wall time would count only its last segment)."""
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    times = [r["time"] for r in log if "loss" in r and "event" not in r]
+    evals = [r for r in log if "val_ce" in r]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"steps": len(times), "median_step_s": statistics.median(gaps) if gaps else None,
+            "train_s": sum(g for g in gaps if g < PAUSE_S),
+            "val_ce": [evals[0]["val_ce"], evals[-1]["val_ce"]] if evals else None}
+
+
 def _train_child(argv: list[str], report: str) -> None:
     """Runs inside the subprocess: train, then write the median step time and the peak memory."""
     torch.set_num_threads(1)
@@ -133,15 +150,9 @@ def _train_child(argv: list[str], report: str) -> None:
 
     t0 = time.perf_counter()
     final = main(argv)
-    out = argv[argv.index("--out") + 1]
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    times = [r["time"] for r in log if "loss" in r and "event" not in r]
-    evals = [r for r in log if "val_ce" in r]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    Path(report).write_text(json.dumps({
-        "final": final, "wall_s": time.perf_counter() - t0, "median_step_s": statistics.median(gaps) if gaps else None,
-        "steps": len(times), "peak_rss_mb": peak_rss_mb(),
-        "val_ce": [evals[0]["val_ce"], evals[-1]["val_ce"]] if evals else None}, indent=1))
+    summary = log_summary(Path(argv[argv.index("--out") + 1]))
+    Path(report).write_text(json.dumps({"final": final, "wall_s": time.perf_counter() - t0, **summary,
+                                        "peak_rss_mb": peak_rss_mb()}, indent=1))
 
 
 def train_cmd(name: str, args, out: Path, threads: int) -> tuple[list, Path]:
@@ -376,8 +387,11 @@ def wilson(accuracy: float, n: int, z: float = 1.96) -> list[float]:
 def training_row(args, cells: int, name: str, report: dict, cost: dict) -> dict:
     """A model's training report with its sizing: parameters and tokens seen (steps x batch x `cells` per grid)."""
     params = cost.get(name.replace(" + CoFRe", ""), {}).get("params")
-    return {**{k: v for k, v in report.items() if k != "final"}, "params": params, "batch_size": args.batch_size,
-            "tokens_seen": report["steps"] * args.batch_size * cells}
+    run = Path(report["final"]).parent
+    summary = log_summary(run) if (run / "log.jsonl").is_file() else {}  # a report from before train_s
+    row = {**{k: v for k, v in report.items() if k != "final"}, **summary}
+    tokens = row["steps"] * args.batch_size * cells
+    return {**row, "params": params, "batch_size": args.batch_size, "tokens_seen": tokens}
 
 
 def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, cost: dict) -> None:
@@ -460,13 +474,14 @@ def _targets(rows: list[dict], target: float = 0.95) -> list[str]:
 
 def _training_lines(payload: dict) -> list[str]:
     lines = ["## Training", "",
-             "| model | parameters | steps (batch) | tokens seen | wall time (min) | median step (s) | peak RSS (MB) "
-             "| val masked CE start → end |", "|---|---|---|---|---|---|---|---|"]
+             "| model | parameters | steps (batch) | tokens seen | training time (min) | median step (s) "
+             "| peak RSS (MB) | val masked CE start → end |", "|---|---|---|---|---|---|---|---|"]
     for name, t in payload["training"].items():
         ce = f"{t['val_ce'][0]:.3f} → {t['val_ce'][1]:.3f}" if t.get("val_ce") else "–"
         params = f"{t['params']:,}" if t.get("params") else "–"
+        minutes = t.get("train_s", t["wall_s"]) / 60
         lines.append(f"| {name} | {params} | {t['steps']} ({t['batch_size']}) | {t['tokens_seen']:,} | "
-                     f"{t['wall_s'] / 60:.0f} | {t['median_step_s']:.3f} | {t['peak_rss_mb']:.0f} | {ce} |")
+                     f"{minutes:.0f} | {t['median_step_s']:.3f} | {t['peak_rss_mb']:.0f} | {ce} |")
     cost = payload["training_cost"]
     fp = cost["FP-MaskGIT 4/1/4"]
     lines += ["", "Training cost measured side by side (`cost` stage: "
@@ -483,7 +498,8 @@ def _training_lines(payload: dict) -> list[str]:
                      f"{r['training_memory']:.3f} | {paper['memory']:.3f} | {fp['params']:,} vs {b['params']:,} | "
                      f"{r['params']:.3f} |")
     lines += ["", "The per-model rows of the training table ran under other loads (the two base models side by "
-              "side, CoFRe alone): compare step times only through this table."]
+              "side, CoFRe alone): compare step times only through this table. Training time sums the step-to-step "
+              f"gaps under {PAUSE_S:.0f} s, so stops and resumes across sessions are not counted."]
     return lines
 
 

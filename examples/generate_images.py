@@ -1,8 +1,8 @@
 """Class-conditional image grid from a trained FP-MaskGIT / MaskGIT model and its VQ tokenizer.
 
     .venv/bin/python examples/generate_images.py                       # defaults below
-    .venv/bin/python examples/generate_images.py --model outputs/image_eval/fp_maskgit_4_1_4/final \
-        --rows 4 --guidance 2.0 --budget 96 --out docs/images/example_grid.png
+    .venv/bin/python examples/generate_images.py --model outputs/images/fp_maskgit_4_1_4/final \
+        --rows 4 --guidance 4.0 --budget 96 --out docs/images/example_grid.png
 
 The model folder is an `image_train` export (`final/`, with the VQ tokenizer in `final/vq`). Each column is
 one class (0..9), each row a different sample (`num_return_sequences`); sampling uses classifier-free guidance
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "outputs/image_eval/fp_maskgit_4_1_4/final"
+DEFAULT_MODEL = "outputs/images/fp_maskgit_4_1_4/final"
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -64,7 +64,7 @@ def main(argv=None) -> str:
     p.add_argument("--model", default=DEFAULT_MODEL, help="Exported image model folder (with vq/).")
     p.add_argument("--vq", default=None, help="VQ folder (default: MODEL/vq).")
     p.add_argument("--rows", type=int, default=4, help="Samples per class.")
-    p.add_argument("--guidance", type=float, default=2.0, help="Classifier-free guidance scale.")
+    p.add_argument("--guidance", type=float, default=4.0, help="Classifier-free guidance scale (the protocol's 4).")
     p.add_argument("--budget", type=int, default=96, help="Transformer-block passes per sample.")
     p.add_argument("--randomness", type=float, default=1.0, help="Annealed Gumbel noise on confidences.")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -79,7 +79,7 @@ def main(argv=None) -> str:
     torch.set_num_threads(1)
     if not Path(args.model).is_dir():
         raise SystemExit(f"{args.model!r} not found: train one first, e.g. `python -m fpmgm_hf.images.train "
-                         f"--data mnist --max-steps 300 --out outputs/image_eval/fp_maskgit_4_1_4`.")
+                         f"--data mnist --max-steps 300 --out outputs/images/fp_maskgit_4_1_4`.")
     pipe = FPMGMImagePipeline.from_pretrained(args.model, vqvae=args.vq)
     k = pipe.model.config.num_classes
     try:

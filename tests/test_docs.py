@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "conversion" / "README.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 TEXT_FOLDERS = ("my-fp-mdlm", "outputs/demo/fp-mdlm")
-IMAGE_FOLDERS = ("my-fp-maskgit", "outputs/image_eval/fp_maskgit_4_1_4/final")
+IMAGE_FOLDERS = ("my-fp-maskgit", "outputs/images/fp_maskgit_4_1_4/final")
 
 
 def snippets(path: Path) -> str:

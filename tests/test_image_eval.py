@@ -153,3 +153,31 @@ def test_trainings_that_share_the_machine_get_one_thread_each(tmp_path, monkeypa
     image_eval.main(["--out", str(tmp_path), "--parallel", "--threads", "2", "--docs", ""])
     threads = [cmd[cmd.index("--threads") + 1] for cmd in launched]
     assert threads == ["1", "1", "2"] and len(evaluated) == 3  # the two base models side by side, then CoFRe alone
+
+
+def test_training_time_leaves_out_the_pause_of_a_resumed_run(tmp_path):
+    # steps 1 s apart, then a 2-hour stop before the run resumed: 5 steps, 4 gaps of which 3 are training
+    times = [0.0, 1.0, 2.0, 7202.0, 7203.0]
+    rows = [{"step": 0, "val_ce": 5.5, "event": "start", "time": -1.0}]
+    rows += [{"step": i + 1, "loss": 3.0, "time": t} for i, t in enumerate(times)]
+    rows += [{"step": 5, "val_ce": 3.4, "time": 7203.5}]
+    (tmp_path / "log.jsonl").write_text("\n".join(image_eval.json.dumps(r) for r in rows) + "\n")
+    summary = image_eval.log_summary(tmp_path)
+    assert summary["steps"] == 5
+    assert summary["train_s"] == pytest.approx(3.0)
+    assert summary["median_step_s"] == pytest.approx(1.0)
+    assert summary["val_ce"] == [5.5, 3.4]
+
+
+def test_probe_points_cross_reuse_guidance_and_one_axis():
+    import image_probe
+
+    args = image_probe.parse_args(["--model", "m", "--tag", "fp", "--json", "r.json", "--iters", "1", "4",
+                                   "--reuse", "none", "3sr", "--guidance", "2", "4"])
+    points = image_probe._points(args)
+    assert len(points) == 8 and len({p[0] for p in points}) == 8
+    assert ("fp|3sr|g4|k1", "3sr", 4.0, None, 1) in points
+    args = image_probe.parse_args(["--model", "m", "--tag", "fp", "--json", "r.json", "--budgets", "192"])
+    assert image_probe._points(args) == [("fp|3sr|g4|B192", "3sr", 4.0, 192, None)]
+    with pytest.raises(SystemExit):  # a budget and an iteration count are two different axes
+        image_probe.parse_args(["--model", "m", "--tag", "fp", "--json", "r.json", "--budgets", "1", "--iters", "2"])
