@@ -18,7 +18,8 @@ Stages (a finished stage is skipped):
               best point), both beside their floors (test vs train images at the same N); a point where any solve
               needed the solver's safety net (a best-iterate stop) or any image is non-finite has status "diverged"
   report      docs/images/results.json, README.md (accuracy with Wilson intervals, the 95% target per model,
-              sizing and training cost, sample grids; docs/images/findings.md is appended when present)
+              sizing and training cost, sample grids; docs/images/findings.md is appended when present, and
+              the docs folder's *_probe.json files from bench/image_probe.py go into results.json's "probes")
 """
 
 from __future__ import annotations
@@ -394,6 +395,13 @@ def training_row(args, cells: int, name: str, report: dict, cost: dict) -> dict:
     return {**row, "params": params, "batch_size": args.batch_size, "tokens_seen": tokens}
 
 
+def _probes(docs: Path) -> dict:
+    """bench/image_probe.py's results in DOCS (more training, iterations, guidance): {file stem: {point: row}}.
+    Other *_probe.json files (an `--probe` run's cells, of other models) stay out: their rows name no model."""
+    found = {f.stem: json.loads(f.read_text()) for f in sorted(docs.glob("*_probe.json"))}
+    return {k: v for k, v in found.items() if all(isinstance(r, dict) and "model" in r for r in v.values())}
+
+
 def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, cost: dict) -> None:
     sys.path.insert(0, str(ROOT / "examples"))
     from generate_images import save_grid
@@ -418,7 +426,8 @@ def stage_report(args, out: Path, trains: dict, cells: dict, clf_summary: dict, 
                "fid_floor_inception": cells["floor"].get("inception"),
                "classifier_test_accuracy": clf_summary["test_accuracy"], "sweep": sweep,
                "training": {k: training_row(args, cells_per_grid, k, t, cost) for k, t in trains.items()},
-               "training_cost": cost}
+               "training_cost": cost,
+               "probes": _probes(docs)}
     atomic_text(docs / "results.json", json.dumps(payload, indent=1) + "\n")
     for name in MODELS:
         best = min((s for s in sweep if s["model"] == name), key=lambda s: s["fid_classifier"])

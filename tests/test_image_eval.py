@@ -181,3 +181,22 @@ def test_probe_points_cross_reuse_guidance_and_one_axis():
     assert image_probe._points(args) == [("fp|3sr|g4|B192", "3sr", 4.0, 192, None)]
     with pytest.raises(SystemExit):  # a budget and an iteration count are two different axes
         image_probe.parse_args(["--model", "m", "--tag", "fp", "--json", "r.json", "--budgets", "1", "--iters", "2"])
+
+
+def test_within_class_spread_is_the_mean_per_class_total_variance():
+    import numpy as np
+    from image_spread import within_class_spread
+
+    # class 0: points (0,0),(2,0) -> unbiased variances 2 and 0; class 1: (0,0),(0,4),(0,8) -> 0 and 16
+    feats = np.array([[0, 0], [2, 0], [0, 0], [0, 4], [0, 8], [5, 5]], dtype=float)
+    labels = np.array([0, 0, 1, 1, 1, 2])  # class 2 has one sample: no variance, left out
+    assert within_class_spread(feats, labels) == pytest.approx((2 + 16) / 2)
+
+
+def test_report_takes_image_probe_files_and_leaves_other_probe_cells_out(tmp_path):
+    import json
+
+    row = {"model": "FP", "classifier_accuracy": 0.95}
+    (tmp_path / "training_probe.json").write_text(json.dumps({"FP|3sr|g4|B192": row}))
+    (tmp_path / "guidance_probe.json").write_text(json.dumps({"floor": {"classifier": 15.6}, "M|none|96|2": {}}))
+    assert image_eval._probes(tmp_path) == {"training_probe": {"FP|3sr|g4|B192": row}}
