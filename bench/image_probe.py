@@ -51,7 +51,10 @@ def parse_args(argv=None):
 
 def _points(args) -> list[tuple[str, str, float, int | None, int | None]]:
     """(key, reuse, guidance, budget, iterations per step) of every point."""
-    axis = [(f"B{b}", b, None) for b in args.budgets] if args.budgets else [(f"k{k}", None, k) for k in args.iters]
+    if args.budgets:
+        axis = [(f"B{b}", b, None) for b in args.budgets]
+    else:
+        axis = [(f"T{args.num_steps}k{k}", None, k) for k in args.iters]
     return [(f"{args.tag}|{r}|g{g:g}|{name}", r, g, b, k) for r in args.reuse for g in args.guidance
             for name, b, k in axis]
 

@@ -176,7 +176,7 @@ def test_probe_points_cross_reuse_guidance_and_one_axis():
                                    "--reuse", "none", "3sr", "--guidance", "2", "4"])
     points = image_probe._points(args)
     assert len(points) == 8 and len({p[0] for p in points}) == 8
-    assert ("fp|3sr|g4|k1", "3sr", 4.0, None, 1) in points
+    assert ("fp|3sr|g4|T16k1", "3sr", 4.0, None, 1) in points
     args = image_probe.parse_args(["--model", "m", "--tag", "fp", "--json", "r.json", "--budgets", "192"])
     assert image_probe._points(args) == [("fp|3sr|g4|B192", "3sr", 4.0, 192, None)]
     with pytest.raises(SystemExit):  # a budget and an iteration count are two different axes
